@@ -1,0 +1,49 @@
+"""The hydra schema: structured configs registered in the ConfigStore; YAML only composes.
+
+Groups: model/ (every `<family>_<size>` preset), parallel/ (none|ddp|fsdp|ep|fssdp),
+data/ (pystdlib|tokens|synthetic), optim/ (adamw), train/ (default). Unknown keys fail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from fssdp.config import STRATEGIES, ParallelConfig
+from launch.data import DataConfig
+from launch.optim import OptimConfig
+from launch.trainer import TrainConfig
+from models.registry import model_presets
+
+
+@dataclass
+class Config:
+    model: Any = MISSING
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+
+
+DATA_SOURCES = ("pystdlib", "tokens", "synthetic")
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="fssdp_schema", node=Config)
+    for name, cfg in model_presets().items():
+        cs.store(group="model", name=name, node=cfg)
+    for strategy in STRATEGIES:
+        cs.store(group="parallel", name=strategy, node=ParallelConfig(strategy=strategy))
+    for source in DATA_SOURCES:
+        cs.store(group="data", name=source, node=replace(DataConfig(), name=source))
+    cs.store(group="optim", name="adamw", node=OptimConfig)
+    cs.store(group="train", name="default", node=TrainConfig)
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(name.removesuffix(".yaml") for name in ConfigStore.instance().list(group))

@@ -1,0 +1,63 @@
+"""Per-forward context: global-batch statistics, auxiliary losses and expert load.
+
+Models know nothing of parallelism, yet their auxiliary losses must use global-batch statistics
+(DESIGN.md §4, world-size invariance). The trainer hands each forward a `MoEContext` whose
+`reducer` sums small tensors over the data-parallel ranks; models call it and stay ignorant of
+process groups. The context also collects the auxiliary losses and the tokens-per-expert of every
+bank for this step, so nothing lives in module-level globals.
+
+[Note: gradient convention]
+Every loss a model reports is the *global* loss (the same value on every rank). Strategies average
+gradients over ranks (DDP, FSDP2 and the FSSDP reduce all divide by W), so each rank's backward
+must produce W times its own share of the global gradient. `global_sum` builds exactly that: its
+value is the sum over ranks, its gradient with respect to the local input is W.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class BatchReducer:
+    """Sums tensors over the data-parallel ranks (no autograd). Identity at world size 1."""
+
+    world_size: int = 1
+    all_sum: Callable[[Tensor], Tensor] = lambda t: t
+
+
+def global_sum(local: Tensor, reducer: BatchReducer) -> Tensor:
+    """Σ over ranks of `local`; gradient w.r.t. `local` is W (see [Note: gradient convention])."""
+    total = reducer.all_sum(local.detach().clone())
+    if not local.requires_grad:
+        return total
+    return total + reducer.world_size * (local - local.detach())
+
+
+@dataclass
+class MoEContext:
+    """What one forward pass reports besides its output."""
+
+    reducer: BatchReducer = field(default_factory=BatchReducer)
+    # name -> already-weighted global auxiliary loss (summed over the calls that add to it)
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    # bank name -> global tokens per expert [E] (int64, summed over the calls of that bank)
+    expert_load: dict[str, Tensor] = field(default_factory=dict)
+
+    def add_aux(self, name: str, value: Tensor) -> None:
+        prev = self.aux_losses.get(name)
+        self.aux_losses[name] = value if prev is None else prev + value
+
+    def add_load(self, bank_name: str, counts_E: Tensor) -> None:
+        counts_E = counts_E.detach().to(torch.int64)
+        prev = self.expert_load.get(bank_name)
+        self.expert_load[bank_name] = counts_E if prev is None else prev + counts_E
+
+    def aux_total(self) -> Tensor | None:
+        if not self.aux_losses:
+            return None
+        return sum(self.aux_losses.values())  # type: ignore[return-value]

@@ -1,0 +1,217 @@
+"""The expert bank: the one seam between models and the runtime (DESIGN.md §3).
+
+`ExpertBank.forward(x_ND, expert_N) -> y_NO` applies expert `expert_N[i]` to row `x_ND[i]`.
+Weights are stacked on dim 0 so that one expert is one index; the bank never knows where it runs:
+an *executor* attached by `fssdp.parallelize` decides (local, EP, FSSDP). Without one, the bank
+computes locally with its own weights.
+
+Legend: N rows sent to the bank, D input width, H hidden width, O output width, E experts,
+n rows of one expert, W a dict of stacked weights (name -> [E, ...]).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# An executor receives the bank and the call's arguments and returns y_NO. It must produce the
+# same values and gradients as `bank.compute(bank.stacked(), x_ND, expert_N)`.
+BankExecutor = Callable[["ExpertBank", Tensor, Tensor], Tensor]
+
+
+class ExpertBank(nn.Module):
+    """Base class: subclasses register stacked parameters and define `expert_forward`."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.in_features = in_features
+        self.out_features = out_features
+        # Set by the runtime (fssdp.parallelize); None means "run here with my own weights".
+        self.executor: BankExecutor | None = None
+        # Global name of the bank (its qualified module name), set by `name_banks`; keys
+        # placement, metrics and checkpoints.
+        self.bank_name: str = ""
+
+    # -- what a subclass provides -------------------------------------------------------------
+    def expert_forward(self, w: dict[str, Tensor], x_nD: Tensor) -> Tensor:
+        """Apply one expert whose weights are `w[name]` (the expert's slice, no E dim)."""
+        raise NotImplementedError
+
+    # -- the shared machinery -----------------------------------------------------------------
+    def stacked(self) -> dict[str, Tensor]:
+        """This bank's stacked expert weights, name -> [E, ...]."""
+        return dict(self.named_parameters(recurse=False))
+
+    def compute(self, w: dict[str, Tensor], x_ND: Tensor, expert_N: Tensor) -> Tensor:
+        """Dropless grouped compute with stacked weights `w` (leading dim = #experts in `w`).
+
+        Rows are sorted by expert, each expert's contiguous group runs one matmul chain, and the
+        results are scattered back to the original row order. Experts with no rows are skipped
+        (their weights then get no gradient).
+        """
+        n_exp = next(iter(w.values())).shape[0]
+        N = x_ND.shape[0]
+        if N == 0:
+            return x_ND.new_zeros(0, self.out_features)
+        order_N = torch.argsort(expert_N, stable=True)
+        counts = torch.bincount(expert_N, minlength=n_exp).tolist()
+        x_sorted_ND = x_ND.index_select(0, order_N)
+        fast = _grouped_mm_path(self, w, x_sorted_ND, counts)
+        if fast is not None:
+            y_sorted_NO = fast
+        else:
+            outs = []
+            for e, x_nD in enumerate(x_sorted_ND.split(counts)):
+                if x_nD.shape[0] > 0:
+                    outs.append(self.expert_forward({k: v[e] for k, v in w.items()}, x_nD))
+            y_sorted_NO = torch.cat(outs, dim=0)
+        inverse_N = torch.empty_like(order_N)
+        inverse_N[order_N] = torch.arange(N, device=order_N.device)
+        return y_sorted_NO.index_select(0, inverse_N)
+
+    def forward(self, x_ND: Tensor, expert_N: Tensor) -> Tensor:
+        if self.executor is None:
+            return self.compute(self.stacked(), x_ND, expert_N)
+        return self.executor(self, x_ND, expert_N)
+
+    def expert_numel(self) -> int:
+        """Elements of one expert (all its parameters): the unit the runtime moves."""
+        return sum(p[0].numel() for p in self.parameters(recurse=False))
+
+
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+class MLPExperts(ExpertBank):
+    """Two-layer experts: act(x·w_in + b_in)·w_out + b_out, or SwiGLU when activation='swiglu'.
+
+    Covers GPT-MoE/SUT (GELU, biases), MoEUT (ReLU, no biases), UMoE (SiLU, no gate) and Jamba
+    (SwiGLU). `w_in [E, D, H]`, `w_gate [E, D, H]` (SwiGLU), `w_out [E, H, O]`, `b_in [E, H]`,
+    `b_out [E, O]`.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        d_in: int,
+        d_hidden: int,
+        d_out: int | None = None,
+        activation: str = "gelu",
+        bias: bool = True,
+        std_in: float | None = None,
+        std_out: float | None = None,
+    ) -> None:
+        d_out = d_in if d_out is None else d_out
+        super().__init__(num_experts, d_in, d_out)
+        if activation not in (*_ACTIVATIONS, "swiglu"):
+            raise ValueError(f"unknown expert activation {activation!r}")
+        self.activation = activation
+        self.d_hidden = d_hidden
+        E = num_experts
+        self.w_in = nn.Parameter(torch.empty(E, d_in, d_hidden))
+        if activation == "swiglu":
+            self.w_gate = nn.Parameter(torch.empty(E, d_in, d_hidden))
+        self.w_out = nn.Parameter(torch.empty(E, d_hidden, d_out))
+        if bias:
+            self.b_in = nn.Parameter(torch.zeros(E, d_hidden))
+            self.b_out = nn.Parameter(torch.zeros(E, d_out))
+        self.std_in = std_in if std_in is not None else 1.0 / math.sqrt(d_in)
+        self.std_out = std_out if std_out is not None else 1.0 / math.sqrt(d_hidden)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.w_in.is_meta:
+            return
+        nn.init.normal_(self.w_in, std=self.std_in)
+        if self.activation == "swiglu":
+            nn.init.normal_(self.w_gate, std=self.std_in)
+        nn.init.normal_(self.w_out, std=self.std_out)
+        for name in ("b_in", "b_out"):
+            if hasattr(self, name):
+                nn.init.zeros_(getattr(self, name))
+
+    def expert_forward(self, w: dict[str, Tensor], x_nD: Tensor) -> Tensor:
+        h_nH = x_nD @ w["w_in"]
+        if "b_in" in w:
+            h_nH = h_nH + w["b_in"]
+        if self.activation == "swiglu":
+            h_nH = F.silu(x_nD @ w["w_gate"]) * h_nH
+        else:
+            h_nH = _ACTIVATIONS[self.activation](h_nH)
+        y_nO = h_nH @ w["w_out"]
+        if "b_out" in w:
+            y_nO = y_nO + w["b_out"]
+        return y_nO
+
+
+class LinearExperts(ExpertBank):
+    """One projection per expert: x·weight (+ bias). `weight [E, D, O]`, `bias [E, O]`.
+
+    Used for per-expert attention projections (SwitchHead V/O, SUT's MoA query/output).
+    """
+
+    def __init__(
+        self, num_experts: int, d_in: int, d_out: int, bias: bool = False, std: float | None = None
+    ) -> None:
+        super().__init__(num_experts, d_in, d_out)
+        self.weight = nn.Parameter(torch.empty(num_experts, d_in, d_out))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(num_experts, d_out))
+        self.std = std if std is not None else 1.0 / math.sqrt(d_in)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight.is_meta:
+            return
+        nn.init.normal_(self.weight, std=self.std)
+        if hasattr(self, "bias"):
+            nn.init.zeros_(self.bias)
+
+    def expert_forward(self, w: dict[str, Tensor], x_nD: Tensor) -> Tensor:
+        y_nO = x_nD @ w["weight"]
+        return y_nO + w["bias"] if "bias" in w else y_nO
+
+
+def _grouped_mm_path(
+    bank: ExpertBank, w: dict[str, Tensor], x_sorted_ND: Tensor, counts: list[int]
+) -> Tensor | None:
+    """bf16 grouped GEMM on CUDA via torch._grouped_mm, for bias-free MLP/linear experts.
+
+    Returns None when the fast path does not apply (CPU, other dtypes, biases, no op), and the
+    caller then takes the per-expert loop, which computes the same function.
+    """
+    if not (x_sorted_ND.is_cuda and x_sorted_ND.dtype == torch.bfloat16):
+        return None
+    grouped_mm = getattr(torch, "_grouped_mm", None)
+    if grouped_mm is None or any(k.startswith("b") for k in w):
+        return None
+    offs = torch.tensor(counts, device=x_sorted_ND.device).cumsum(0).to(torch.int32)
+    if isinstance(bank, LinearExperts):
+        return grouped_mm(x_sorted_ND, w["weight"], offs=offs)
+    if isinstance(bank, MLPExperts):
+        h = grouped_mm(x_sorted_ND, w["w_in"], offs=offs)
+        if bank.activation == "swiglu":
+            h = F.silu(grouped_mm(x_sorted_ND, w["w_gate"], offs=offs)) * h
+        else:
+            h = _ACTIVATIONS[bank.activation](h)
+        return grouped_mm(h, w["w_out"], offs=offs)
+    return None
+
+
+def name_banks(model: nn.Module) -> list[ExpertBank]:
+    """Give every bank its qualified module name; return the banks in module order."""
+    banks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, ExpertBank):
+            mod.bank_name = name
+            banks.append(mod)
+    return banks

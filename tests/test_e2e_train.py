@@ -1,0 +1,126 @@
+"""End to end under torchrun: the run directory, resume, and bad input (one line, exit 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.harness import free_port
+
+SMALL = [
+    "train.steps=6",
+    "train.global_batch_size=4",
+    "train.seq_len=32",
+    "train.log_every=1",
+    "train.ckpt_every=3",
+    "train.keep_last=0",
+]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+REQUIRED_KEYS = {
+    "step",
+    "loss",
+    "aux_loss",
+    "tokens_per_s",
+    "step_time_s",
+    "rank_step_time_s",
+    "rank_expert_time_s",
+    "straggler_ratio",
+    "expert_load_imbalance",
+    "comm_bytes",
+    "model_state_bytes",
+    "peak_rss_bytes",
+}
+
+
+def torchrun(nproc: int, args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{free_port()}",
+        "-m",
+        "launch.train",
+        *args,
+    ]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def python_train(args: list[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "launch.train", *args]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("e2e") / "run"
+    p = torchrun(2, [*SMALL, f"hydra.run.dir={run}"])
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    assert "open tensorboard" in p.stdout and str(run) in p.stdout
+    return run
+
+
+def test_run_directory_contents(run_dir: Path) -> None:
+    assert (run_dir / "config.yaml").read_text().count("gpt_moe") >= 1
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["step_00000003", "step_00000006"]
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for r in rows:
+        assert REQUIRED_KEYS <= r.keys()
+        assert r["loss"] > 0 and r["tokens_per_s"] > 0 and r["expert_load_imbalance"] >= 1
+        assert len(r["rank_step_time_s"]) == 2 and len(r["peak_rss_bytes"]) == 2
+        assert min(r["peak_rss_bytes"]) > 50e6
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert "val_bpb" in rows[-1]
+
+
+def test_resume_continues_the_same_trajectory(run_dir: Path, tmp_path: Path) -> None:
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run_dir, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000006")  # as if killed after step 3
+    p = torchrun(2, [*SMALL, f"hydra.run.dir={resumed}", "train.resume=true"])
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "resumed from step 3" in p.stdout
+    full = {r["step"]: r["loss"] for r in read_metrics(run_dir)}
+    again = {r["step"]: r["loss"] for r in read_metrics(resumed)}
+    assert sorted(again) == [1, 2, 3, 4, 5, 6]
+    for s in (4, 5, 6):
+        assert again[s] == pytest.approx(full[s], rel=1e-6, abs=0), (s, again[s], full[s])
+    assert (resumed / "metrics.rolled_back.jsonl").exists()
+
+
+BAD = {
+    "model=does_not_exist": "unknown model 'does_not_exist'",
+    "parallel=bogus": "unknown parallel 'bogus'",
+    "train.steps": "malformed override",
+    "train.steps=abc": "bad override",
+    "model.no_such_key=1": "bad override",
+    "data=tokens": "data.path",
+    "train.dtype=int8": "train.dtype",
+}
+
+
+@pytest.mark.parametrize("override", BAD)
+def test_bad_input_is_one_line_exit_2(override: str, tmp_path: Path) -> None:
+    p = python_train([override, f"hydra.run.dir={tmp_path / 'run'}"])
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("fssdp: error:") and BAD[override] in lines[0], lines[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
