@@ -21,10 +21,19 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
 
 
-def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
-    # No weight decay on vectors (norms, biases); matrices and stacked experts decay.
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+def no_weight_decay(name: str, ndim: int) -> bool:
+    """Norms and biases are not decayed; stacked expert biases (`b_in [E, H]`) neither."""
+    leaf = name.rsplit(".", 1)[-1]
+    return ndim < 2 or leaf == "bias" or leaf.startswith("b_")
+
+
+def build_optimizer(
+    named_params: list[tuple[str, nn.Parameter]], cfg: OptimConfig
+) -> torch.optim.AdamW:
+    """AdamW over `named_params`; group 0 decays, group 1 does not (the FSSDP expert optimizer
+    reads its hyper-parameters from group 0)."""
+    decay = [p for n, p in named_params if not no_weight_decay(n, p.ndim)]
+    no_decay = [p for n, p in named_params if no_weight_decay(n, p.ndim)]
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

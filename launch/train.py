@@ -104,10 +104,10 @@ def build_trainer(cfg: Any, info: Any, run_dir: Path, on_grads: Any = None) -> A
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device=info.device, dtype=param_dtype(t))
     try:
-        par = parallelize(model, cfg.parallel)
+        par = parallelize(model, cfg.parallel, info.ranks_per_node)
     except ValueError as e:
         raise UserError(str(e)) from e
-    opt = build_optimizer(par.optimizer_params(), cfg.optim)
+    opt = build_optimizer(par.named_optimizer_params(), cfg.optim)
     return Trainer(
         par,
         opt,

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
 from fssdp.strategies.base import Parallelized
@@ -51,19 +50,17 @@ def param_dtype(cfg: TrainConfig) -> torch.dtype:
 
 
 class ModelOptimState(Stateful):
-    """Model and optimizer state for DCP, keyed by the unwrapped model's FQNs."""
+    """Model and optimizer state for DCP; the strategy decides the keys (FQNs for dense
+    parameters, global (bank, expert) for sharded experts)."""
 
     def __init__(self, par: Parallelized, opt: torch.optim.Optimizer) -> None:
         self.par, self.opt = par, opt
 
     def state_dict(self) -> dict[str, Any]:
-        msd, osd = get_state_dict(self.par.model, self.opt)
-        return {"model": msd, "optim": osd}
+        return self.par.state_dict(self.opt)
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        set_state_dict(
-            self.par.model, self.opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"]
-        )
+        self.par.load_state_dict(sd, self.opt)
 
 
 def lm_loss(logits_BSV: Tensor, targets_BS: Tensor, reducer: BatchReducer) -> Tensor:
@@ -165,7 +162,7 @@ class Trainer:
             self.on_grads(self.par, self.step + 1)
         gnorm = self.par.clip_grad_norm_(self.optim_cfg.grad_clip or float("inf"))
         set_lr(self.opt, self.step, self.cfg.steps, self.optim_cfg)
-        self.opt.step()
+        self.par.optimizer_step(self.opt)
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
         step_time = time.perf_counter() - t0
@@ -211,22 +208,10 @@ class Trainer:
             "straggler_ratio": (max(rank_expert) / mean_expert) if mean_expert > 0 else None,
             "expert_load_imbalance": expert_load_imbalance(out["load"]),
             "comm_bytes": self.par.comm_bytes(),
-            "model_state_bytes": all_gather_floats(float(self.model_state_bytes()), dev),
+            "replicas": self.par.placements(),  # replicas per expert per bank (next step's plan)
+            "model_state_bytes": all_gather_floats(float(self.par.state_bytes(self.opt)), dev),
             "peak_rss_bytes": [int(v) for v in all_gather_floats(float(peak_rss_bytes()), dev)],
         }
-
-    def model_state_bytes(self) -> int:
-        """Bytes of parameters + gradients + optimizer state this rank holds."""
-        total = 0
-        for p in self.par.optimizer_params():
-            local = p.to_local() if hasattr(p, "to_local") else p
-            total += 2 * local.numel() * local.element_size()  # param + grad buffer
-        for st in self.opt.state.values():
-            for v in st.values():
-                if isinstance(v, Tensor) and v.ndim > 0:
-                    local = v.to_local() if hasattr(v, "to_local") else v
-                    total += local.numel() * local.element_size()
-        return total
 
     def fit(self) -> list[dict[str, Any]]:
         cfg = self.cfg

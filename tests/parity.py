@@ -42,7 +42,10 @@ def full_grads(par: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def train_capture(rank: int, world: int, overrides: list[str], steps: int) -> dict[str, Any]:
+def train_capture(
+    rank: int, world: int, overrides: list[str], steps: int, probe: Any = None
+) -> dict[str, Any]:
+    """Train `steps` steps; `probe(trainer)` (every rank) adds what it returns as "probe"."""
     job, _ = compose_config(BASE + [f"train.steps={steps}"] + overrides)
     cfg: Any = OmegaConf.to_object(job)
     info = DistInfo(
@@ -54,6 +57,7 @@ def train_capture(rank: int, world: int, overrides: list[str], steps: int) -> di
             cfg, info, Path(tmp), on_grads=lambda par, step: grads.append(full_grads(par))
         )
         losses = [trainer.train_step() for _ in range(steps)]
+        probed = probe(trainer) if probe is not None else None
     if dist.is_initialized():
         dist.barrier()
     return {
@@ -61,6 +65,7 @@ def train_capture(rank: int, world: int, overrides: list[str], steps: int) -> di
         "aux": [o["aux_loss"] for o in losses],
         "grads": grads if rank == 0 else None,
         "load": [{k: v.tolist() for k, v in o["load"].items()} for o in losses],
+        "probe": probed,
     }
 
 

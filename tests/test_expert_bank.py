@@ -7,7 +7,15 @@ import torch
 
 from models.common.experts import ExpertBank, LinearExperts, MLPExperts, name_banks
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64() -> object:
+    """float64 for this module only (the default dtype is process-wide)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
 
 BANKS = {
     "gelu_bias": lambda: MLPExperts(6, 8, 16, activation="gelu", bias=True),

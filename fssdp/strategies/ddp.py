@@ -17,7 +17,9 @@ class DDPParallel(Parallelized):
         # unused parameters every step rather than hang waiting for them.
         ddp = DistributedDataParallel(model, find_unused_parameters=True)
         super().__init__(model, ddp)
-        self._grad_bytes = sum(p.numel() * p.element_size() for p in self.optimizer_params())
+        self._grad_bytes = sum(
+            p.numel() * p.element_size() for _, p in self.named_optimizer_params()
+        )
 
     def comm_bytes(self) -> dict[str, int]:
         w = dist.get_world_size()

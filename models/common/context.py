@@ -16,7 +16,7 @@ value is the sum over ranks, its gradient with respect to the local input is W.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -38,15 +38,21 @@ def global_sum(local: Tensor, reducer: BatchReducer) -> Tensor:
     return total + reducer.world_size * (local - local.detach())
 
 
-@dataclass
 class MoEContext:
-    """What one forward pass reports besides its output."""
+    """What one forward pass reports besides its output.
 
-    reducer: BatchReducer = field(default_factory=BatchReducer)
-    # name -> already-weighted global auxiliary loss (summed over the calls that add to it)
-    aux_losses: dict[str, Tensor] = field(default_factory=dict)
-    # bank name -> global tokens per expert [E] (int64, summed over the calls of that bank)
-    expert_load: dict[str, Tensor] = field(default_factory=dict)
+    Deliberately not a dataclass: FSDP2 looks for gradient-carrying tensors inside dataclass
+    arguments of wrapped modules and hooks them, which would tie each layer's post-backward to
+    the aux losses of the layers before it (seen as a cross-rank deadlock; see
+    [Note: three process groups] in fssdp/executor.py).
+    """
+
+    def __init__(self, reducer: BatchReducer | None = None) -> None:
+        self.reducer = reducer if reducer is not None else BatchReducer()
+        # name -> already-weighted global auxiliary loss (summed over the calls that add to it)
+        self.aux_losses: dict[str, Tensor] = {}
+        # bank name -> global tokens per expert [E] (int64, summed over the calls of that bank)
+        self.expert_load: dict[str, Tensor] = {}
 
     def add_aux(self, name: str, value: Tensor) -> None:
         prev = self.aux_losses.get(name)

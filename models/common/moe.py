@@ -50,7 +50,7 @@ def moe_combine(experts: ExpertBank, x_TD: Tensor, routing: Routing) -> Tensor:
     T, K = routing.expert_TK.shape
     y_NO = experts(x_TD.repeat_interleave(K, dim=0), routing.expert_TK.reshape(-1))
     gate_TK1 = routing.gate_TK.to(y_NO.dtype).unsqueeze(-1)
-    return (y_NO.view(T, K, -1) * gate_TK1).sum(1)
+    return (y_NO.view(T, K, experts.out_features) * gate_TK1).sum(1)
 
 
 def record_routing(

@@ -1,0 +1,216 @@
+"""Jamba (AI21, 2024): interleaved attention / Mamba layers, every other FFN a top-2 MoE.
+
+Layer i mixes tokens with GQA attention (no positional encoding) if i % attn_period ==
+attn_offset, else with a Mamba mixer (models/common/mamba.py); its FFN is an MoE if
+i % expert_period == expert_offset, else a dense SwiGLU MLP. Pre-RMSNorm residual blocks, final
+RMSNorm, untied LM head. MoE: softmax over all experts, top-2, no renormalisation, SwiGLU experts,
+Switch aux loss (transformers' Jamba / AI21's Jamba-v0.1 config).
+
+Legend: B batch, S sequence, D model width, V vocabulary, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.common.attention import CausalSelfAttention, KVCache
+from models.common.context import MoEContext
+from models.common.experts import ExpertBank, MLPExperts
+from models.common.mamba import MambaCache, MambaMixer
+from models.common.moe import MoEFeedForward
+from models.common.router import TopKRouter
+from models.registry import ModelSpec
+
+
+@dataclass
+class JambaConfig:
+    family: str = "jamba"
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    d_ff: int = 128  # dense MLP and expert hidden width
+    attn_period: int = 4
+    attn_offset: int = 1
+    expert_period: int = 2
+    expert_offset: int = 1
+    num_experts: int = 8
+    top_k: int = 2
+    d_state: int = 8
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int = 0  # 0 → ceil(d_model / 16)
+    scan: str = "chunked"  # chunked | sequential (same function; chunked is faster on CPU)
+    scan_chunk: int = 16
+    aux_switch: float = 0.001
+    aux_z: float = 0.0
+    route_skew: float = 0.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+
+def is_attention_layer(cfg: JambaConfig, i: int) -> bool:
+    return i % cfg.attn_period == cfg.attn_offset
+
+
+def is_moe_layer(cfg: JambaConfig, i: int) -> bool:
+    return i % cfg.expert_period == cfg.expert_offset
+
+
+class SwiGLU(nn.Module):
+    """Dense FFN of the non-MoE layers: down(SiLU(gate(x)) ⊙ up(x))."""
+
+    def __init__(self, d: int, hidden: int, std: float, out_std: float) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d, hidden, bias=False)
+        self.up = nn.Linear(d, hidden, bias=False)
+        self.down = nn.Linear(hidden, d, bias=False)
+        if not self.gate.weight.is_meta:
+            for lin, s in ((self.gate, std), (self.up, std), (self.down, out_std)):
+                nn.init.normal_(lin.weight, std=s)
+
+    def forward(self, x_BSD: Tensor, ctx: MoEContext) -> Tensor:
+        return self.down(F.silu(self.gate(x_BSD)) * self.up(x_BSD))
+
+
+class JambaLayer(nn.Module):
+    def __init__(self, cfg: JambaConfig, i: int) -> None:
+        super().__init__()
+        d, std = cfg.d_model, cfg.init_std
+        out_std = std / math.sqrt(2 * cfg.n_layers)
+        self.norm_mix = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.is_attention = is_attention_layer(cfg, i)
+        self.mixer: nn.Module
+        if self.is_attention:
+            self.mixer = CausalSelfAttention(
+                d,
+                cfg.n_heads,
+                n_kv_heads=cfg.n_kv_heads,
+                bias=False,
+                rope_fraction=0,
+                std=std,
+                out_std=out_std,
+            )
+        else:
+            self.mixer = MambaMixer(
+                d,
+                cfg.d_state,
+                cfg.d_conv,
+                cfg.expand,
+                cfg.dt_rank,
+                scan=cfg.scan,
+                scan_chunk=cfg.scan_chunk,
+                norm_eps=cfg.norm_eps,
+                std=std,
+                out_std=out_std,
+            )
+        self.norm_ffn = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.ffn: nn.Module
+        if is_moe_layer(cfg, i):
+            self.ffn = MoEFeedForward(
+                TopKRouter(d, cfg.num_experts, cfg.top_k, "softmax", False, cfg.route_skew, std),
+                MLPExperts(
+                    cfg.num_experts,
+                    d,
+                    cfg.d_ff,
+                    activation="swiglu",
+                    bias=False,
+                    std_in=std,
+                    std_out=out_std,
+                ),
+                aux={"switch": cfg.aux_switch, "z": cfg.aux_z},
+            )
+        else:
+            self.ffn = SwiGLU(d, cfg.d_ff, std, out_std)
+
+    def new_cache(self) -> KVCache | MambaCache:
+        return KVCache() if self.is_attention else MambaCache()
+
+    def forward(
+        self, x_BSD: Tensor, ctx: MoEContext, cache: KVCache | MambaCache | None = None
+    ) -> Tensor:
+        x_BSD = x_BSD + self.mixer(self.norm_mix(x_BSD), cache)
+        return x_BSD + self.ffn(self.norm_ffn(x_BSD), ctx)
+
+
+class Jamba(nn.Module):
+    def __init__(self, cfg: JambaConfig) -> None:
+        super().__init__()
+        _validate(cfg)
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(JambaLayer(cfg, i) for i in range(cfg.n_layers))
+        self.norm_f = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # untied in v0.1
+        if not self.tok_emb.weight.is_meta:
+            nn.init.normal_(self.tok_emb.weight, std=cfg.init_std)
+            nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+
+    def new_cache(self) -> list[KVCache | MambaCache]:
+        """Per layer: a KV cache (attention layers) or conv + SSM state (Mamba layers)."""
+        return [layer.new_cache() for layer in self.layers]
+
+    def forward(
+        self,
+        tokens_BS: Tensor,
+        ctx: MoEContext | None = None,
+        cache: list[KVCache | MambaCache] | None = None,
+    ) -> Tensor:
+        ctx = ctx if ctx is not None else MoEContext()
+        x_BSD = self.tok_emb(tokens_BS)
+        for i, layer in enumerate(self.layers):
+            x_BSD = layer(x_BSD, ctx, cache[i] if cache else None)
+        return self.lm_head(self.norm_f(x_BSD))
+
+
+def _validate(cfg: JambaConfig) -> None:
+    if not 0 <= cfg.attn_offset < cfg.attn_period:
+        raise ValueError(f"attn_offset={cfg.attn_offset} must be in [0, {cfg.attn_period})")
+    if not 0 <= cfg.expert_offset < cfg.expert_period:
+        raise ValueError(f"expert_offset={cfg.expert_offset} must be in [0, {cfg.expert_period})")
+
+
+def active_parameters(model: nn.Module) -> int:
+    """Parameters a token uses: all, minus the (E − K)/E unchosen share of every MoE bank."""
+    total = sum(p.numel() for p in model.parameters())
+    idle = 0
+    for mod in model.modules():
+        if isinstance(mod, MoEFeedForward):
+            bank: ExpertBank = mod.experts
+            E, K = bank.num_experts, mod.router.top_k
+            idle += (E - K) * bank.expert_numel()
+    return total - idle
+
+
+SPEC = ModelSpec(
+    family="jamba",
+    config_cls=JambaConfig,
+    builder=Jamba,
+    presets={
+        "tiny": JambaConfig(),
+        # AI21's Jamba-v0.1: 52B total, 12B active
+        "v0_1": JambaConfig(
+            vocab_size=65536,
+            d_model=4096,
+            n_layers=32,
+            n_heads=32,
+            n_kv_heads=8,
+            d_ff=14336,
+            attn_period=8,
+            attn_offset=4,
+            expert_period=2,
+            expert_offset=1,
+            num_experts=16,
+            top_k=2,
+            d_state=16,
+            d_conv=4,
+            expand=2,
+            dt_rank=256,
+        ),
+    },
+)

@@ -1,0 +1,299 @@
+"""SUT: halted tokens leave the expert banks, ACT loss = expected depth, MI loss ranking,
+causality, exact cached decoding with halting, world-size invariance, learning."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.common import losses
+from models.common.context import BatchReducer, MoEContext
+from models.common.experts import ExpertBank
+from models.registry import build_model, preset
+from tests.harness import run_distributed
+
+D = 64  # tiny d_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> object:
+    """Tiny shapes run fastest single-threaded, and the CI machine's 2 cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(dtype: torch.dtype = torch.float64, **overrides: object) -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model(preset("sut_tiny", **overrides)).to(dtype)
+    with torch.no_grad():  # zero at init: make the relative position logits matter in tests
+        model.layer.attn.rel_pos.normal_(std=0.5)
+    return model
+
+
+def tokens(B: int, S: int, seed: int = 1) -> Tensor:
+    return torch.randint(0, 256, (B, S), generator=torch.Generator().manual_seed(seed))
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def constant_halting(model: nn.Module, alpha: float) -> None:
+    """Make the halting gate give α for every token and step: hidden = GELU(1) everywhere."""
+    g = model.halt
+    with torch.no_grad():
+        g.hidden.weight.zero_()
+        g.hidden.bias.fill_(1.0)
+        g.out.weight.zero_()
+        gelu1 = F.gelu(torch.tensor(1.0, dtype=torch.float64)).item()
+        g.out.weight[1].fill_(math.log(alpha / (1 - alpha)) / (D * gelu1))
+
+
+def mixed_halting(model: nn.Module) -> None:
+    """A halting gate that varies strongly per token, so tokens halt at different steps."""
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        model.halt.hidden.weight.copy_(torch.randn(D, D, generator=gen) / math.sqrt(D))
+        model.halt.hidden.bias.zero_()
+        model.halt.out.weight.zero_()
+        w_D = torch.randn(D, generator=gen)
+        model.halt.out.weight[1] = 2 * (w_D - w_D.mean())  # no token-shared component
+
+
+def record_rows(model: nn.Module) -> dict[str, list[int]]:
+    rows: dict[str, list[int]] = defaultdict(list)
+
+    def rec(bank: ExpertBank, x_ND: Tensor, e_N: Tensor) -> Tensor:
+        rows[bank.bank_name].append(x_ND.shape[0])
+        return bank.compute(bank.stacked(), x_ND, e_N)
+
+    for m in model.modules():
+        if isinstance(m, ExpertBank):
+            m.executor = rec
+    return rows
+
+
+def test_halted_tokens_leave_the_banks() -> None:
+    T, K = 2 * 10, 2
+    model = tiny()
+    rows = record_rows(model)
+    with torch.no_grad():
+        model(tokens(2, 10))  # α = 1/2 at init: nobody halts within 4 steps
+        assert rows == {
+            n: [T * K] * 4 for n in ("layer.attn.q", "layer.attn.o", "layer.moe.experts")
+        }
+        # α = 0.95: remaining mass 0.05, 0.0025, 1.25e-4 < 1e-3 → all frozen after step 3,
+        # yet the banks are still called (with no rows), so every rank makes the same calls.
+        rows.clear()
+        constant_halting(model, 0.95)
+        model(tokens(2, 10))
+        assert rows == {n: [T * K] * 3 + [0] for n in rows} and len(rows) == 3
+        # per-token halting: later steps see fewer rows, but not none
+        rows.clear()
+        mixed_halting(model)
+        model(tokens(2, 10))
+    ffn = rows["layer.moe.experts"]
+    assert rows["layer.attn.q"] == rows["layer.attn.o"] == ffn
+    assert ffn[0] == T * K and all(a >= b for a, b in zip(ffn, ffn[1:]))
+    assert 0 < ffn[-1] < ffn[1] < T * K, ffn
+
+
+def _expected_depth(alpha: float, steps: int, tau: float = 0.999) -> float:
+    """Stick-breaking by hand: p_n = α·(1−α)^(n−1); a frozen token (or the last step) takes all
+    of the remaining mass."""
+    depth, rem = 0.0, 1.0
+    for n in range(1, steps + 1):
+        if n == steps or rem * (1 - alpha) < 1 - tau:
+            return depth + n * rem
+        depth += n * rem * alpha
+        rem *= 1 - alpha
+    raise AssertionError
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.95, 0.3])
+def test_act_loss_is_expected_depth(alpha: float) -> None:
+    model = tiny(aux_act=1.0, aux_mi=0.0)
+    constant_halting(model, alpha)
+    ctx = MoEContext()
+    model(tokens(2, 7), ctx)
+    assert set(ctx.aux_losses) == {"act"}
+    want = _expected_depth(alpha, 4)
+    assert want == pytest.approx({0.5: 1.875, 0.95: 1.0525, 0.3: 2.533}[alpha], abs=1e-12)
+    assert ctx.aux_losses["act"].item() == pytest.approx(want, rel=1e-12)
+
+
+def test_act_loss_with_per_token_halting() -> None:
+    """Replay the stick-breaking by hand from the α the gate gave each active token."""
+    model = tiny(aux_act=1.0, aux_mi=0.0)
+    mixed_halting(model)
+    gate_out: list[tuple[Tensor, Tensor]] = []
+    model.halt.forward = _recorder(model.halt.forward, gate_out)
+    ctx = MoEContext()
+    model(tokens(2, 10), ctx)
+    T, N = 20, 4
+    rem, depth, active = [1.0] * T, [0.0] * T, list(range(T))
+    assert len(gate_out) == N - 1  # no gate at the last step: it takes all remaining mass
+    for n, (log_a, _) in enumerate(gate_out, start=1):
+        assert len(log_a) == len(active)  # the gate only sees the tokens still running
+        running = []
+        for t, a in zip(active, log_a.exp().tolist()):
+            depth[t] += n * rem[t] * a
+            rem[t] *= 1 - a
+            if rem[t] < 1 - 0.999:
+                depth[t] += n * rem[t]  # frozen: the leftover mass stays at this step
+            else:
+                running.append(t)
+        active = running
+    for t in active:
+        depth[t] += N * rem[t]
+    assert 0 < len(active) < T
+    assert ctx.aux_losses["act"].item() == pytest.approx(sum(depth) / T, rel=1e-12)
+
+
+def test_mi_loss_ranks_balanced_confident_routing_lowest() -> None:
+    T, E = 64, 4
+    r = BatchReducer()
+    balanced = 20.0 * F.one_hot(torch.arange(T) % E, E).double()  # confident, all experts used
+    uniform = torch.zeros(T, E, dtype=torch.float64)  # not confident
+    collapsed = 20.0 * F.one_hot(torch.zeros(T, dtype=torch.long), E).double()  # one expert
+    cases = dict(balanced=balanced, uniform=uniform, collapsed=collapsed)
+    mi = {k: losses.mutual_information_loss(v, r).item() for k, v in cases.items()}
+    assert mi["balanced"] < mi["uniform"] - 1 and mi["balanced"] < mi["collapsed"] - 1
+    assert mi["balanced"] == pytest.approx(-math.log(E), abs=1e-6)
+    # The reference code's sign slip rewards collapse instead.
+    ref = losses.mutual_information_loss(collapsed, r, reference_sign=True)
+    assert ref < losses.mutual_information_loss(balanced, r, reference_sign=True)
+
+
+@pytest.mark.parametrize("reference_sign", [False, True])
+def test_model_mi_loss_uses_active_rows_of_all_steps(reference_sign: bool) -> None:
+    model = tiny(aux_mi=0.5, aux_act=0.0, mi_reference_sign=reference_sign)
+    mixed_halting(model)
+    seen: dict[str, list[Tensor]] = defaultdict(list)
+    for name, router in (("att", model.layer.attn.router), ("ffn", model.layer.moe.router)):
+        router.logits = _recorder(router.logits, seen[name])
+    ctx = MoEContext()
+    model(tokens(2, 10), ctx)
+    assert [len(l) for l in seen["ffn"]][0] == 20 and len(seen["ffn"]) == 4
+    assert sum(len(l) for l in seen["ffn"]) < 80  # some tokens halted early
+    for name in ("att", "ffn"):
+        mi = losses.mutual_information_loss(torch.cat(seen[name]), BatchReducer(), reference_sign)
+        want = 0.5 * mi
+        torch.testing.assert_close(ctx.aux_losses[f"mi_{name}"], want, rtol=1e-12, atol=0)
+
+
+def _recorder(fn: Callable[..., Any], seen: list) -> Callable[..., Any]:
+    """Wrap a bound method so that each call's result is also appended to `seen`."""
+
+    def wrapped(*args: Any) -> Any:
+        out = fn(*args)
+        seen.append(out)
+        return out
+
+    return wrapped
+
+
+@pytest.mark.parametrize("halting", ["none", "mixed"])
+def test_causality(halting: str) -> None:
+    model = tiny()
+    if halting == "mixed":
+        mixed_halting(model)
+    x = tokens(2, 10)
+    y = x.clone()
+    y[:, 6] = (y[:, 6] + 1) % 256
+    with torch.no_grad():
+        lx, ly = model(x), model(y)
+    torch.testing.assert_close(lx[:, :6], ly[:, :6], rtol=1e-12, atol=1e-12)
+    assert (lx[:, 6:] - ly[:, 6:]).abs().amax(-1).min() > 1e-6
+
+
+@pytest.mark.parametrize("halting", ["none", "mixed", "all_early"])
+def test_cached_decoding_matches_full_forward(halting: str) -> None:
+    model = tiny()
+    if halting == "mixed":
+        mixed_halting(model)
+    elif halting == "all_early":
+        constant_halting(model, 0.95)
+    x = tokens(2, 12)
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_cache()
+        steps = torch.cat([model(x[:, i : i + 1], cache=cache) for i in range(12)], dim=1)
+        cache = model.new_cache()
+        chunks = torch.cat([model(x[:, :5], cache=cache), model(x[:, 5:], cache=cache)], dim=1)
+    assert len(cache) == 4 and all(c.length == 12 for c in cache)
+    assert rel_err(steps, full) <= 1e-9
+    assert rel_err(chunks, full) <= 1e-9
+
+
+def test_relative_positions_are_clipped() -> None:
+    """Beyond ±max_rel_pos all offsets share one embedding: only offsets −M..0 get gradient."""
+    model = tiny(max_rel_pos=3)
+    model(tokens(1, 12)).sum().backward()
+    g = model.layer.attn.rel_pos.grad  # [heads, dh, 2M+1], offset o at index o + M
+    assert g.shape == (2, 16, 7)
+    assert g[..., :4].abs().amax(dim=(0, 1)).min() > 0 and g[..., 4:].abs().max() == 0
+
+
+def _loss(model: nn.Module, x_BS: Tensor, reducer: BatchReducer) -> Tensor:
+    """Global-mean next-token CE plus the (already global) auxiliary losses."""
+    ctx = MoEContext(reducer=reducer)
+    logits = model(x_BS[:, :-1], ctx)
+    ce_sum = F.cross_entropy(logits.flatten(0, 1), x_BS[:, 1:].flatten(), reduction="sum")
+    return losses.global_mean(ce_sum, x_BS[:, 1:].numel(), reducer) + ctx.aux_total()
+
+
+def _grads(model: nn.Module) -> dict[str, Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _ws_model() -> nn.Module:
+    model = tiny(route_skew=0.5)
+    mixed_halting(model)
+    return model
+
+
+def _ws_worker(rank: int, world: int) -> tuple[Tensor, dict[str, Tensor]]:
+    model = _ws_model()
+    x = tokens(4, 9, seed=3).chunk(world)[rank]
+    reducer = BatchReducer(world, lambda t: (dist.all_reduce(t), t)[1])
+    loss = _loss(model, x, reducer)
+    loss.backward()
+    return loss.detach(), _grads(model)
+
+
+def test_world_size_invariance() -> None:
+    model = _ws_model()
+    loss = _loss(model, tokens(4, 9, seed=3), BatchReducer())
+    loss.backward()
+    ref = _grads(model)
+    (l0, g0), (l1, g1) = run_distributed(_ws_worker, 2)
+    torch.testing.assert_close(l0, loss.detach(), rtol=1e-9, atol=0)
+    torch.testing.assert_close(l1, loss.detach(), rtol=1e-9, atol=0)
+    assert g0.keys() == ref.keys() == g1.keys()
+    for name, g in ref.items():
+        assert rel_err((g0[name] + g1[name]) / 2, g) <= 1e-9, name
+
+
+def test_learns_repeating_sequence() -> None:
+    model = tiny(torch.float32)
+    x = tokens(4, 8, seed=5).repeat(1, 3)  # the same 8 tokens three times
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        loss = _loss(model, x, BatchReducer())
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.7 * first, (first, loss.item())

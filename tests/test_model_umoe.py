@@ -1,0 +1,199 @@
+"""UMoE: sizes, causality, cached decoding, the shared bank's two calls, world-size invariance.
+
+Legend: B batch, S sequence, T tokens, D model width, E experts, F expert hidden, R query rank,
+Q query/key width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.common import losses
+from models.common.context import BatchReducer, MoEContext
+from models.common.experts import ExpertBank
+from models.registry import build_model, preset
+from models.umoe import UMoE, UMoEConfig
+
+
+def _tiny(**overrides: object) -> UMoE:
+    torch.manual_seed(0)
+    return build_model(preset("umoe_tiny", **overrides)).to(torch.float64)
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def _expected_parameters(cfg: UMoEConfig) -> int:
+    """Closed form: bank + low-rank/residual/shared queries + key + 2 shared experts + routers."""
+    d, E, F_, R, Q = cfg.d_model, cfg.num_experts, cfg.expert_hidden, cfg.q_rank, cfg.d_qk
+    per_layer = 2 * E * d * F_ + E * (d * R + R * Q) + 3 * d * Q + 2 * 2 * d * F_ + 2 * E * d
+    return cfg.n_layers * (per_layer + 2 * d) + 2 * cfg.vocab_size * d + d
+
+
+def test_parameter_counts() -> None:
+    for name in ("umoe_tiny", "umoe_small"):
+        cfg = preset(name)
+        with torch.device("meta"):
+            model = build_model(cfg)
+        assert sum(p.numel() for p in model.parameters()) == _expected_parameters(cfg)
+    # umoe_small: 540.5M, of which 453M in the 12 shared banks
+    assert abs(_expected_parameters(preset("umoe_small")) / 540.5e6 - 1) < 0.001
+
+
+def test_causality() -> None:
+    model = _tiny()
+    tokens = torch.randint(0, 256, (2, 12))
+    base = model(tokens)
+    t = 6
+    changed = tokens.clone()
+    changed[:, t] = (changed[:, t] + 1) % 256
+    out = model(changed)
+    assert torch.equal(out[:, :t], base[:, :t])
+    assert (out[:, t:] - base[:, t:]).abs().max() > 1e-6
+
+
+def test_cached_decoding_equals_full_forward() -> None:
+    model = _tiny()
+    tokens = torch.randint(0, 256, (2, 12))
+    full = model(tokens)
+    cache = model.new_cache()
+    pieces, start = [], 0
+    for size in (3, 4, 1, 1, 1, 1, 1):
+        pieces.append(model(tokens[:, start : start + size], cache=cache))
+        start += size
+    assert start == tokens.shape[1]
+    assert _rel(torch.cat(pieces, dim=1), full) <= 1e-9
+    # the cache holds the RoPE'd shared key and the normalised inputs (the values)
+    assert cache[0].k.shape == (2, 1, 12, 16) and cache[0].v.shape == (2, 1, 12, 64)
+
+
+def test_shared_bank_called_twice_per_layer_and_gradients_accumulate() -> None:
+    model = _tiny()
+    cfg = model.cfg
+    banks = [m for m in model.modules() if isinstance(m, ExpertBank)]
+    assert len(banks) == cfg.n_layers
+    for bank in banks:  # the low-rank query factors are dense parameters, not bank weights
+        assert set(bank.stacked()) == {"w_in", "w_out"}
+    calls: list[tuple[str, int, dict[str, Tensor]]] = []
+
+    def executor(bank: ExpertBank, x_ND: Tensor, expert_N: Tensor) -> Tensor:
+        # a private leaf copy of the weights per call, to see each call's gradient separately
+        w = {k: v.detach().clone().requires_grad_() for k, v in bank.stacked().items()}
+        calls.append((bank.bank_name, x_ND.shape[0], w))
+        return bank.compute(w, x_ND, expert_N)
+
+    tokens = torch.randint(0, 256, (2, 9))
+    T = tokens[:, :-1].numel()
+    for bank in banks:
+        bank.executor = executor
+    ctx = MoEContext()
+    _lm_loss(model, tokens, ctx).backward()
+    assert [(n, rows) for n, rows, _ in calls] == [
+        (b.bank_name, T * k) for b in banks for k in (cfg.top_k_att, cfg.top_k_ffn)
+    ]
+    for bank in banks:  # the recorded load sums both sub-layers
+        assert ctx.expert_load[bank.bank_name].sum() == T * (cfg.top_k_att + cfg.top_k_ffn)
+    for bank in banks:
+        bank.executor = None
+    model.zero_grad()
+    _lm_loss(model, tokens, MoEContext()).backward()
+    for i, bank in enumerate(banks):
+        (_, _, w_att), (_, _, w_ffn) = calls[2 * i], calls[2 * i + 1]
+        for name, p in bank.stacked().items():
+            assert w_att[name].grad.abs().max() > 0 and w_ffn[name].grad.abs().max() > 0
+            assert _rel(w_att[name].grad + w_ffn[name].grad, p.grad) <= 1e-12
+
+
+def test_route_skew_skews_both_routers() -> None:
+    ctx = MoEContext()
+    _tiny(route_skew=3.0)(torch.randint(0, 256, (2, 16)), ctx)
+    for counts_E in ctx.expert_load.values():
+        assert counts_E[0] > 2 * counts_E[-1]
+    # with k_att + k_ffn = 6 of 8 experts the top experts saturate: check the attention router
+    model = _tiny(route_skew=3.0)
+    routing = model.layers[0].att.router(torch.randn(64, 64, dtype=torch.float64))
+    assert (routing.expert_TK == 0).any(-1).all() and not (routing.expert_TK == 7).any()
+
+
+def test_sequence_balance_loss_recorded() -> None:
+    ctx = MoEContext()
+    _tiny()(torch.randint(0, 256, (2, 16)), ctx)
+    # Σ_e f_e·P_e ≈ 1 per router at near-uniform init; 2 routers per layer, α = 0.001
+    assert set(ctx.aux_losses) == {"seq_balance"}
+    assert abs(ctx.aux_losses["seq_balance"].item() / (0.001 * 2 * 2) - 1) < 0.1
+
+
+# -- world-size invariance (two simulated ranks) --------------------------------------------
+
+
+def _lm_loss(model: nn.Module, tokens_BS: Tensor, ctx: MoEContext) -> Tensor:
+    """CE global mean + weighted aux losses, as the trainer computes them."""
+    logits_BSV = model(tokens_BS[:, :-1], ctx)
+    ce_sum = F.cross_entropy(logits_BSV.flatten(0, 1), tokens_BS[:, 1:].flatten(), reduction="sum")
+    ce = losses.global_mean(ce_sum, tokens_BS[:, 1:].numel(), ctx.reducer)
+    return ce + ctx.aux_total()
+
+
+def _global_loss(model: nn.Module, tokens_BS: Tensor, reducer: BatchReducer) -> Tensor:
+    return _lm_loss(model, tokens_BS, MoEContext(reducer=reducer))
+
+
+def _grads(model: nn.Module) -> list[Tensor]:
+    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+def two_rank_loss_and_grads(model: nn.Module, tokens_BS: Tensor) -> list[tuple[Tensor, list]]:
+    """Each half of the batch as one rank of two; `all_sum` adds the other rank's statistic.
+
+    The forward values never depend on `all_sum` results, so a first pass records each rank's
+    all_sum inputs in call order and a second pass replays them as the other rank's share.
+    """
+    halves = tokens_BS.chunk(2)
+    recorded: list[list[Tensor]] = []
+    with torch.no_grad():
+        for half in halves:
+            rec: list[Tensor] = []
+            _global_loss(model, half, BatchReducer(2, lambda t, rec=rec: rec.append(t) or t))
+            recorded.append(rec)
+    out = []
+    for r, half in enumerate(halves):
+        other = iter(recorded[1 - r])
+        model.zero_grad()
+        loss = _global_loss(model, half, BatchReducer(2, lambda t, o=other: t + next(o)))
+        loss.backward()
+        out.append((loss.detach(), _grads(model)))
+    return out
+
+
+def test_world_size_invariance() -> None:
+    model = _tiny(aux_seq_balance=0.1)  # large enough for the aux gradient to matter
+    tokens = torch.randint(0, 256, (4, 10))
+    model.zero_grad()
+    loss = _global_loss(model, tokens, BatchReducer())
+    loss.backward()
+    ref = _grads(model)
+    ranks = two_rank_loss_and_grads(model, tokens)
+    for rank_loss, _ in ranks:
+        assert abs(rank_loss.item() / loss.item() - 1) <= 1e-9
+    for g0, g1, g in zip(ranks[0][1], ranks[1][1], ref):
+        assert ((g0 + g1) / 2 - g).abs().max() <= 1e-9 * max(g.abs().max().item(), 1e-12)
+
+
+def test_learns() -> None:
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(UMoEConfig(), vocab_size=64))
+    data = torch.randint(0, 64, (4, 17))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses_seen = []
+    for _ in range(30):
+        loss = _global_loss(model, data, BatchReducer())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses_seen.append(loss.item())
+    assert losses_seen[-1] < 0.5 * losses_seen[0], losses_seen
