@@ -11,7 +11,7 @@ from launch.dist import all_gather_floats
 from tests.harness import run_distributed
 from tests.parity import train_capture
 
-SKEWED = ["model.route_skew=0.5", "train.dtype=float32"]
+SKEWED = ["model.route_skew=0.5", "train.dtype=float32", "parallel.overlap_degree=2"]
 STEPS = 3  # predict mode plans from the previous steps' loads
 
 

@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from models.common import losses
 from models.common.context import BatchReducer, MoEContext
@@ -18,6 +18,7 @@ from models.common.mamba import selective_scan_chunked, selective_scan_sequentia
 from models.common.moe import MoEFeedForward
 from models.jamba import Jamba, JambaConfig, active_parameters, is_attention_layer, is_moe_layer
 from models.registry import build_model, preset
+from tests.simulated_ranks import global_loss, grads, two_rank_loss_and_grads
 
 
 def _tiny(**overrides: object) -> Jamba:
@@ -122,49 +123,13 @@ def test_route_skew_skews_load() -> None:
 # -- world-size invariance (two simulated ranks) --------------------------------------------
 
 
-def _global_loss(model: nn.Module, tokens_BS: Tensor, reducer: BatchReducer) -> Tensor:
-    """CE global mean + weighted aux losses, as the trainer computes them."""
-    ctx = MoEContext(reducer=reducer)
-    logits_BSV = model(tokens_BS[:, :-1], ctx)
-    ce_sum = F.cross_entropy(logits_BSV.flatten(0, 1), tokens_BS[:, 1:].flatten(), reduction="sum")
-    ce = losses.global_mean(ce_sum, tokens_BS[:, 1:].numel(), reducer)
-    return ce + ctx.aux_total()
-
-
-def _grads(model: nn.Module) -> list[Tensor]:
-    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
-
-
-def two_rank_loss_and_grads(model: nn.Module, tokens_BS: Tensor) -> list[tuple[Tensor, list]]:
-    """Each half of the batch as one rank of two; `all_sum` adds the other rank's statistic.
-
-    The forward values never depend on `all_sum` results, so a first pass records each rank's
-    all_sum inputs in call order and a second pass replays them as the other rank's share.
-    """
-    halves = tokens_BS.chunk(2)
-    recorded: list[list[Tensor]] = []
-    with torch.no_grad():
-        for half in halves:
-            rec: list[Tensor] = []
-            _global_loss(model, half, BatchReducer(2, lambda t, rec=rec: rec.append(t) or t))
-            recorded.append(rec)
-    out = []
-    for r, half in enumerate(halves):
-        other = iter(recorded[1 - r])
-        model.zero_grad()
-        loss = _global_loss(model, half, BatchReducer(2, lambda t, o=other: t + next(o)))
-        loss.backward()
-        out.append((loss.detach(), _grads(model)))
-    return out
-
-
 def test_world_size_invariance() -> None:
     model = _tiny(aux_z=0.01)
     tokens = torch.randint(0, 256, (4, 10))
     model.zero_grad()
-    loss = _global_loss(model, tokens, BatchReducer())
+    loss = global_loss(model, tokens, BatchReducer())
     loss.backward()
-    ref = _grads(model)
+    ref = grads(model)
     ranks = two_rank_loss_and_grads(model, tokens)
     for rank_loss, _ in ranks:
         assert abs(rank_loss.item() / loss.item() - 1) <= 1e-9
@@ -180,7 +145,7 @@ def test_learns() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     first = last = 0.0
     for step in range(30):
-        loss = _global_loss(model, data, BatchReducer())
+        loss = global_loss(model, data, BatchReducer())
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -10,14 +10,13 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.common import losses
 from models.common.context import BatchReducer, MoEContext
 from models.common.experts import ExpertBank
 from models.registry import build_model, preset
 from tests.harness import run_distributed
+from tests.simulated_ranks import global_loss as _loss
 
 
 @pytest.fixture(autouse=True)
@@ -144,14 +143,6 @@ def _recorder(fn: Callable[..., Any], seen: dict, key: tuple) -> Callable[..., A
         return out
 
     return wrapped
-
-
-def _loss(model: nn.Module, x_BS: Tensor, reducer: BatchReducer) -> Tensor:
-    """Global-mean next-token CE plus the (already global) auxiliary losses."""
-    ctx = MoEContext(reducer=reducer)
-    logits = model(x_BS[:, :-1], ctx)
-    ce_sum = F.cross_entropy(logits.flatten(0, 1), x_BS[:, 1:].flatten(), reduction="sum")
-    return losses.global_mean(ce_sum, x_BS[:, 1:].numel(), reducer) + ctx.aux_total()
 
 
 def _grads(model: nn.Module) -> dict[str, Tensor]:

@@ -19,6 +19,7 @@ from models.common.context import BatchReducer, MoEContext
 from models.common.experts import ExpertBank
 from models.registry import build_model, preset
 from tests.harness import run_distributed
+from tests.simulated_ranks import global_loss as _loss
 
 D = 64  # tiny d_model
 
@@ -243,14 +244,6 @@ def test_relative_positions_are_clipped() -> None:
     g = model.layer.attn.rel_pos.grad  # [heads, dh, 2M+1], offset o at index o + M
     assert g.shape == (2, 16, 7)
     assert g[..., :4].abs().amax(dim=(0, 1)).min() > 0 and g[..., 4:].abs().max() == 0
-
-
-def _loss(model: nn.Module, x_BS: Tensor, reducer: BatchReducer) -> Tensor:
-    """Global-mean next-token CE plus the (already global) auxiliary losses."""
-    ctx = MoEContext(reducer=reducer)
-    logits = model(x_BS[:, :-1], ctx)
-    ce_sum = F.cross_entropy(logits.flatten(0, 1), x_BS[:, 1:].flatten(), reduction="sum")
-    return losses.global_mean(ce_sum, x_BS[:, 1:].numel(), reducer) + ctx.aux_total()
 
 
 def _grads(model: nn.Module) -> dict[str, Tensor]:

@@ -9,14 +9,13 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from models.common import losses
 from models.common.context import BatchReducer, MoEContext
 from models.common.experts import ExpertBank
 from models.registry import build_model, preset
 from models.umoe import UMoE, UMoEConfig
+from tests.simulated_ranks import global_loss, grads, lm_loss, two_rank_loss_and_grads
 
 
 def _tiny(**overrides: object) -> UMoE:
@@ -92,7 +91,7 @@ def test_shared_bank_called_twice_per_layer_and_gradients_accumulate() -> None:
     for bank in banks:
         bank.executor = executor
     ctx = MoEContext()
-    _lm_loss(model, tokens, ctx).backward()
+    lm_loss(model, tokens, ctx).backward()
     assert [(n, rows) for n, rows, _ in calls] == [
         (b.bank_name, T * k) for b in banks for k in (cfg.top_k_att, cfg.top_k_ffn)
     ]
@@ -101,7 +100,7 @@ def test_shared_bank_called_twice_per_layer_and_gradients_accumulate() -> None:
     for bank in banks:
         bank.executor = None
     model.zero_grad()
-    _lm_loss(model, tokens, MoEContext()).backward()
+    lm_loss(model, tokens, MoEContext()).backward()
     for i, bank in enumerate(banks):
         (_, _, w_att), (_, _, w_ffn) = calls[2 * i], calls[2 * i + 1]
         for name, p in bank.stacked().items():
@@ -131,52 +130,13 @@ def test_sequence_balance_loss_recorded() -> None:
 # -- world-size invariance (two simulated ranks) --------------------------------------------
 
 
-def _lm_loss(model: nn.Module, tokens_BS: Tensor, ctx: MoEContext) -> Tensor:
-    """CE global mean + weighted aux losses, as the trainer computes them."""
-    logits_BSV = model(tokens_BS[:, :-1], ctx)
-    ce_sum = F.cross_entropy(logits_BSV.flatten(0, 1), tokens_BS[:, 1:].flatten(), reduction="sum")
-    ce = losses.global_mean(ce_sum, tokens_BS[:, 1:].numel(), ctx.reducer)
-    return ce + ctx.aux_total()
-
-
-def _global_loss(model: nn.Module, tokens_BS: Tensor, reducer: BatchReducer) -> Tensor:
-    return _lm_loss(model, tokens_BS, MoEContext(reducer=reducer))
-
-
-def _grads(model: nn.Module) -> list[Tensor]:
-    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
-
-
-def two_rank_loss_and_grads(model: nn.Module, tokens_BS: Tensor) -> list[tuple[Tensor, list]]:
-    """Each half of the batch as one rank of two; `all_sum` adds the other rank's statistic.
-
-    The forward values never depend on `all_sum` results, so a first pass records each rank's
-    all_sum inputs in call order and a second pass replays them as the other rank's share.
-    """
-    halves = tokens_BS.chunk(2)
-    recorded: list[list[Tensor]] = []
-    with torch.no_grad():
-        for half in halves:
-            rec: list[Tensor] = []
-            _global_loss(model, half, BatchReducer(2, lambda t, rec=rec: rec.append(t) or t))
-            recorded.append(rec)
-    out = []
-    for r, half in enumerate(halves):
-        other = iter(recorded[1 - r])
-        model.zero_grad()
-        loss = _global_loss(model, half, BatchReducer(2, lambda t, o=other: t + next(o)))
-        loss.backward()
-        out.append((loss.detach(), _grads(model)))
-    return out
-
-
 def test_world_size_invariance() -> None:
     model = _tiny(aux_seq_balance=0.1)  # large enough for the aux gradient to matter
     tokens = torch.randint(0, 256, (4, 10))
     model.zero_grad()
-    loss = _global_loss(model, tokens, BatchReducer())
+    loss = global_loss(model, tokens, BatchReducer())
     loss.backward()
-    ref = _grads(model)
+    ref = grads(model)
     ranks = two_rank_loss_and_grads(model, tokens)
     for rank_loss, _ in ranks:
         assert abs(rank_loss.item() / loss.item() - 1) <= 1e-9
@@ -191,7 +151,7 @@ def test_learns() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses_seen = []
     for _ in range(30):
-        loss = _global_loss(model, data, BatchReducer())
+        loss = global_loss(model, data, BatchReducer())
         opt.zero_grad()
         loss.backward()
         opt.step()
