@@ -42,6 +42,7 @@ from collectives.dispatch import all_gather_counts, all_to_all_rows
 from collectives.placement import Placement, Topology
 from collectives.sparse import SparseHandle, sparse_all_gather, sparse_reduce_scatter
 from fssdp.assign import assign_tokens
+from fssdp.phases import NULL_TIMER, PhaseTimer, time_backward_chain
 from fssdp.planner import calibrate, plan_exact
 from fssdp.store import BankShard
 from models.common.experts import ExpertBank
@@ -66,7 +67,8 @@ class StepStats:
     bytes: dict[str, int] = field(default_factory=lambda: {"spag": 0, "sprs": 0, "a2a": 0})
     prefetch_t: float | None = None  # when the predicted spAG was issued
     overlap_s: float = 0.0  # dense work the spAG hid behind (issue → first call)
-    transfer_s: float = 0.0  # issue → completion of the wait, for exposed transfers
+    transfer_s: float = 0.0  # issue → completion of the wait
+    blocked: bool = False  # the wait blocked: transfer_s measures the transfer, not the overlap
     spag_bytes_recv: int = 0
 
 
@@ -111,8 +113,11 @@ class BankRuntime:
         self.dispatch_group = dispatch_group
         # The placement the planner chose for the next step (predict/calibrate modes).
         self.next_placement: Placement = shard.ownership
-        self.time_per_row_s = 1e-6  # measured expert compute time per row (calibrate mode)
+        # Expert compute seconds per row (calibrate mode), agreed over ranks by the strategy:
+        # a rank deciding from its own clock could plan differently and hang the others.
+        self.time_per_row_s = 1e-6
         self.bandwidth = 1e9  # measured bytes/s of the sparse transfers (agreed over ranks)
+        self.phases: PhaseTimer = NULL_TIMER  # the trainer's timer (timing points only)
         self._reset()
 
     def _reset(self) -> None:
@@ -152,10 +157,15 @@ class BankRuntime:
             return  # already issued this step (a reused layer runs its pre-hook again)
         self.placement = self.next_placement
         self.stats.prefetch_t = time.perf_counter()
-        self.pending = self._gather(self.placement)
+        with self.phases.phase("spag"):
+            self.pending = self._gather(self.placement)
 
     def _materialize(self, counts_WE: Tensor) -> Tensor:
         """The held experts of this step as a leaf tensor (gathering them if needed)."""
+        with self.phases.phase("spag"):
+            return self._materialize_untimed(counts_WE)
+
+    def _materialize_untimed(self, counts_WE: Tensor) -> Tensor:
         if self.held is not None:
             if self.freed:
                 self._refill()
@@ -169,8 +179,11 @@ class BankRuntime:
         assert self.pending is not None
         raw_HS = self.pending.wait()
         self.pending = None
+        done = time.perf_counter()
         if self.stats.prefetch_t is not None:
-            self.stats.transfer_s = time.perf_counter() - self.stats.prefetch_t
+            self.stats.transfer_s = done - self.stats.prefetch_t
+            # A wait that returned at once says only "bandwidth ≥ bytes / transfer_s".
+            self.stats.blocked = done - now > 0.1 * self.stats.transfer_s
         if self.opts.plan_mode == "calibrate":
             raw_HS = self._calibrate(raw_HS, counts_WE)
         held = raw_HS.detach().requires_grad_(True)
@@ -223,6 +236,10 @@ class BankRuntime:
         self.freed = True
 
     def _refill(self) -> None:
+        with self.phases.phase("spag"):
+            self._refill_untimed()
+
+    def _refill_untimed(self) -> None:
         assert self.held is not None and self.placement is not None
         fresh, st = sparse_all_gather(
             self.shard.rows_OS,
@@ -248,6 +265,10 @@ class BankRuntime:
     # -- gradients ---------------------------------------------------------------------------
     def _start_reduce(self, held: Tensor) -> None:
         """After the bank's last backward use: fold the copies' gradients into the owners."""
+        with self.phases.phase("sprs"):
+            self._issue_reduce(held)
+
+    def _issue_reduce(self, held: Tensor) -> None:
         assert held.grad is not None and self.placement is not None
         self.reduce = sparse_reduce_scatter(
             held.grad,
@@ -265,14 +286,13 @@ class BankRuntime:
     def finish(self) -> None:
         """Wait for the reduce; owners get the mean-over-ranks gradient (DDP's convention)."""
         if self.reduce is not None:
-            self.shard.grad_OS = self.reduce.wait() / self.world
+            with self.phases.phase("sprs"):
+                self.shard.grad_OS = self.reduce.wait() / self.world
         elif self.held is not None:
             raise RuntimeError(
                 f"rank {self.rank}: bank {self.name} was used but its gradient "
                 "reduce never started (was backward run?)"
             )
-        if self.stats.rows_computed:
-            self.time_per_row_s = self.stats.expert_time_s / self.stats.rows_computed
 
     def end_step(self) -> StepStats:
         stats = self.stats
@@ -283,9 +303,13 @@ class BankRuntime:
     def __call__(self, bank: ExpertBank, x_ND: Tensor, expert_N: Tensor) -> Tensor:
         E = self.shard.layout.num_experts
         counts_E = torch.bincount(expert_N, minlength=E)
-        counts_WE = all_gather_counts(
-            counts_E, phase=f"counts {self.name}", timeout_s=self.opts.timeout_s
-        ).cpu()
+        with self.phases.phase("dispatch"):
+            counts_WE = all_gather_counts(
+                counts_E,
+                self.dispatch_group,
+                phase=f"counts {self.name}",
+                timeout_s=self.opts.timeout_s,
+            ).cpu()
         if not torch.is_grad_enabled():  # evaluation: owners compute, nothing is kept
             placement = self.shard.ownership
             held = self.shard.rows_OS
@@ -295,7 +319,8 @@ class BankRuntime:
         assert placement is not None
         total = counts_WE.sum(0)
         self.stats.counts_E = total if self.stats.counts_E is None else self.stats.counts_E + total
-        plan = assign_tokens(counts_WE.tolist(), placement, self.topology)
+        with self.phases.phase("dispatch"):
+            plan = assign_tokens(counts_WE.tolist(), placement, self.topology)
         y_ND = self._dispatch_compute_combine(bank, x_ND, expert_N, plan, placement, held)
         if torch.is_grad_enabled() and self.opts.rematerialize:
             self._free()
@@ -311,13 +336,16 @@ class BankRuntime:
         placement: Placement,
         held_HS: Tensor,
     ) -> Tensor:
+        tok = self.phases.begin("dispatch")
         send_idx_N, send_counts = _send_order(expert_N, plan[self.rank], self.world)
         recv_experts, recv_counts = _received(plan, self.rank, self.world)
         phase = f"dispatch {self.name}"
+        x_sent_ND = x_ND.index_select(0, send_idx_N)
         x_MD = all_to_all_rows(
-            x_ND.index_select(0, send_idx_N),
+            x_sent_ND,
             send_counts,
             recv_counts,
+            self.dispatch_group,
             phase=phase,
             timeout_s=self.opts.timeout_s,
         )
@@ -325,20 +353,29 @@ class BankRuntime:
         held_ids = placement.held(self.rank)
         lut[torch.tensor(held_ids, dtype=torch.long)] = torch.arange(len(held_ids))
         local_M = lut[torch.tensor(recv_experts, dtype=torch.long)].to(x_ND.device)
+        self.phases.end(tok)
+        tok = self.phases.begin("expert")
         t0 = time.perf_counter()
         y_MO = bank.compute(self.shard.layout.views(held_HS), x_MD, local_M)
         self.stats.expert_time_s += time.perf_counter() - t0
+        self.phases.end(tok)
         self.stats.rows_computed += x_MD.shape[0]
         if x_MD.shape[0] == 0 and torch.is_grad_enabled():
             y_MO = (
                 _Tie.apply(y_MO, x_MD, held_HS) if held_HS.requires_grad else _Tie.apply(y_MO, x_MD)
             )
+        tok = self.phases.begin("combine")
         y_back_NO = all_to_all_rows(
             y_MO,
             recv_counts,
             send_counts,
+            self.dispatch_group,
             phase=f"combine {self.name}",
             timeout_s=self.opts.timeout_s,
+        )
+        self.phases.end(tok)
+        time_backward_chain(
+            self.phases, [y_back_NO, y_MO, x_MD, x_sent_ND], ["combine", "expert", "dispatch"]
         )
         inverse_N = torch.empty_like(send_idx_N)
         inverse_N[send_idx_N] = torch.arange(send_idx_N.numel(), device=send_idx_N.device)

@@ -50,8 +50,27 @@ def init_distributed(timeout_s: float) -> DistInfo:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), device_id=None)
+        timeout = timedelta(seconds=timeout_s)
+        store = _attempt_store(timeout)
+        if store is None:
+            dist.init_process_group(backend, timeout=timeout, device_id=None)
+        else:
+            dist.init_process_group(
+                backend, store=store, rank=rank, world_size=world, timeout=timeout
+            )
     return DistInfo(rank, world, local_rank, per_node, device)
+
+
+def _attempt_store(timeout: timedelta) -> dist.Store | None:
+    """Under torchrun the workers share the agent's TCPStore, which outlives a restart
+    (`--max-restarts`): process-group addresses that the failed attempt wrote would be read as
+    current and the new group would connect to dead ranks. One key prefix per attempt."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return None
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    store = dist.TCPStore(addr, port, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"fssdp/attempt_{restart}", store)
 
 
 def batch_reducer(group: dist.ProcessGroup | None = None) -> BatchReducer:

@@ -1,6 +1,10 @@
 """Run outputs: metrics.jsonl (one JSON object per logged step), tensorboard, progress line.
 
 Only rank 0 writes; the values it writes are already gathered over ranks by the trainer.
+Tensorboard gets every scalar, per-rank lists as `key/rank{r}`, phase times as
+`phase_time_s/{phase}/{max,mean}`, and the expert load of each bank as a histogram over expert
+ids (`expert_load/{bank}`) plus heatmap images (banks × experts, each bank scaled to its hottest
+expert) of the load and of the replicas per expert.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
 
@@ -67,7 +72,10 @@ class MetricsLogger:
         step = record["step"]
         assert self._writer is not None
         for key, value in record.items():
-            self._scalar(key, value, step)
+            if key not in ("phase_time_s", "phase_spans", "expert_load", "replicas"):
+                self._scalar(key, value, step)
+        self._phases(record.get("phase_time_s"), step)
+        self._load(record.get("expert_load"), record.get("replicas"), step)
         if self.progress:
             self._print(record)
 
@@ -84,6 +92,38 @@ class MetricsLogger:
             for k, v in value.items():
                 if isinstance(v, (int, float)):
                     self._writer.add_scalar(f"{key}/{k}", v, step)
+
+    def _phases(self, times: dict[str, list[float]] | None, step: int) -> None:
+        assert self._writer is not None
+        for phase, per_rank in (times or {}).items():
+            if per_rank:
+                self._writer.add_scalar(f"phase_time_s/{phase}/max", max(per_rank), step)
+                self._writer.add_scalar(
+                    f"phase_time_s/{phase}/mean", sum(per_rank) / len(per_rank), step
+                )
+
+    def _load(
+        self, load: dict[str, list[int]] | None, replicas: dict[str, list[int]] | None, step: int
+    ) -> None:
+        assert self._writer is not None
+        for bank, counts in (load or {}).items():
+            if sum(counts) > 0:
+                c = np.asarray(counts, dtype=np.float64)
+                ids = np.arange(len(c), dtype=np.float64)
+                self._writer.add_histogram_raw(
+                    f"expert_load/{bank}",
+                    min=0.0,
+                    max=float(len(c) - 1),
+                    num=float(c.sum()),
+                    sum=float((ids * c).sum()),
+                    sum_squares=float((ids * ids * c).sum()),
+                    bucket_limits=(ids + 0.5).tolist(),
+                    bucket_counts=c.tolist(),
+                    global_step=step,
+                )
+        for tag, rows in (("expert_load_heatmap", load), ("replicas_heatmap", replicas)):
+            if rows:
+                self._writer.add_image(tag, heatmap_image(rows), step, dataformats="HWC")
 
     def _print(self, r: dict[str, Any]) -> None:
         width = 24
@@ -105,3 +145,20 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.flush()
             self._writer.close()
+
+
+def heatmap_image(rows: dict[str, list[int]]) -> np.ndarray:
+    """Banks × experts as an RGB image [H, W, 3] uint8 (viridis; each row scaled to its max;
+    grey where a bank has fewer experts than the widest), about 512 pixels wide."""
+    from matplotlib import colormaps
+
+    width = max(len(v) for v in rows.values())
+    cell = min(32, max(2, 512 // max(1, width)))
+    grid = np.full((len(rows), width), np.nan)
+    for i, v in enumerate(rows.values()):
+        a = np.asarray(v, dtype=np.float64)
+        grid[i, : len(a)] = a / a.max() if a.size and a.max() > 0 else 0.0
+    rgb = colormaps["viridis"](np.nan_to_num(grid, nan=0.0))[..., :3]
+    rgb[np.isnan(grid)] = 0.5
+    img = (rgb * 255).astype(np.uint8)
+    return np.repeat(np.repeat(img, cell, axis=0), cell, axis=1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from launch import checkpoint as ckpt
+from launch.checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint
 from launch.errors import UserError, fail
 
 
@@ -63,6 +66,24 @@ def validate(cfg: Any, world_size: int) -> None:
             f"train.global_batch_size={t.global_batch_size} does not split evenly over "
             f"{world_size} ranks: use a multiple of {world_size}"
         )
+    resume_mode(t.resume)
+    if t.ckpt_every < 0 or t.keep_last < 0:
+        raise UserError(
+            "train.ckpt_every and train.keep_last must be ≥ 0 (0: only at the end / all)"
+        )
+    p = cfg.parallel
+    if p.strategy == "none" and world_size > 1:
+        raise UserError(
+            f"parallel=none runs on one process but the world size is {world_size}: "
+            "use parallel=ddp|fsdp|ep|fssdp under torchrun"
+        )
+    if p.ranks_per_node and world_size % p.ranks_per_node:
+        raise UserError(
+            f"parallel.ranks_per_node={p.ranks_per_node} does not divide the world size "
+            f"{world_size}: use a divisor, or 0 (from torchrun)"
+        )
+    if p.timeout_s <= 0:
+        raise UserError(f"parallel.timeout_s={p.timeout_s}: use a positive number of seconds")
     max_len = getattr(cfg.model, "max_seq_len", None)
     if max_len is not None and t.seq_len > max_len:
         raise UserError(
@@ -102,7 +123,10 @@ def build_trainer(cfg: Any, info: Any, run_dir: Path, on_grads: Any = None) -> A
     except DataError as e:
         raise UserError(str(e)) from e
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model).to(device=info.device, dtype=param_dtype(t))
+    try:
+        model = build_model(cfg.model).to(device=info.device, dtype=param_dtype(t))
+    except ValueError as e:  # an impossible model config (e.g. top_k > num_experts)
+        raise UserError(f"model config: {e}") from e
     try:
         par = parallelize(model, cfg.parallel, info.ranks_per_node)
     except ValueError as e:
@@ -127,24 +151,126 @@ def run(job: DictConfig, run_dir_hint: str) -> None:
     from launch.summary import print_summary
 
     cfg: Any = OmegaConf.to_object(job)
+    # Before the rendezvous: a config the world cannot host fails on every rank at once.
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    mode = resume_mode(cfg.train.resume)
     info = init_distributed(cfg.parallel.timeout_s)
+    if not cfg.parallel.ranks_per_node:
+        check_nodes_agree(info.ranks_per_node)
     run_dir = Path(_agree(run_dir_hint))
-    if cfg.train.resume and not (run_dir / "checkpoints").is_dir():
-        raise UserError(
-            f"train.resume=true but {run_dir}/checkpoints does not exist: pass the run's "
-            "directory as hydra.run.dir=<run dir>"
-        )
+    check_resume(run_dir, mode, cfg.train.resume_fallback)
     trainer = build_trainer(cfg, info, run_dir)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(job))
-    if cfg.train.resume:
-        resumed = trainer.resume()
-        if info.is_main:
+    if mode != "false":
+        resumed = trainer.resume(fallback=cfg.train.resume_fallback)
+        if resumed is None:  # lines of an attempt that died before its first checkpoint
+            trainer.metrics.truncate_after(0)
+        if info.is_main and (resumed is not None or mode == "true"):
             print(f"resumed from step {resumed}" if resumed else "no checkpoint: starting fresh")
+    if info.is_main:
+        write_config(run_dir, OmegaConf.to_yaml(job))
+        print(topology_line(trainer.par, info), flush=True)
     history = trainer.fit()
     if info.is_main:
         print_summary(run_dir, history)
+
+
+def resume_mode(value: Any) -> str:
+    """`train.resume` as auto | true | false (hydra hands booleans over as True/False)."""
+    mode = str(value).strip().lower()
+    if mode not in ("auto", "true", "false"):
+        raise UserError(f"train.resume={value!r}: use auto, true or false")
+    return mode
+
+
+def check_resume(run_dir: Path, mode: str, fallback: bool) -> None:
+    """Before any heavy work: the run directory and its latest checkpoint suit `mode`."""
+    ckpts = run_dir / "checkpoints"
+    if mode == "true" and not ckpts.is_dir():
+        raise UserError(
+            f"train.resume=true but {ckpts} does not exist: pass the run's "
+            "directory as hydra.run.dir=<run dir>"
+        )
+    found = latest_checkpoint(ckpts)
+    if mode == "false" and found is not None:
+        raise UserError(
+            f"{run_dir} already holds checkpoints (latest: step {found[0]}) and "
+            "train.resume=false would overwrite them: use train.resume=auto to continue, "
+            "or another hydra.run.dir to start fresh"
+        )
+    if mode != "false" and found is not None and not fallback:
+        try:  # a truncated file is found here; what only loading reveals, in Trainer.resume
+            verify_checkpoint(found[1])
+        except CheckpointError as e:
+            raise UserError(f"{e}: {ckpt.FALLBACK_HINT}") from e
+
+
+def write_config(run_dir: Path, text: str) -> None:
+    """config.yaml describes the run's checkpoints: a resume with another config keeps it and
+    writes the new one beside it as config.resume.yaml."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    if path.exists() and latest_checkpoint(run_dir / "checkpoints") is not None:
+        if path.read_text() != text:
+            (run_dir / "config.resume.yaml").write_text(text)
+        return
+    path.write_text(text)
+
+
+def check_nodes_agree(ranks_per_node: int) -> None:
+    """Every node must run the same number of ranks: the topology is nodes × ranks_per_node."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    got = [None] * dist.get_world_size()
+    dist.all_gather_object(got, ranks_per_node)
+    if len(set(got)) > 1:
+        raise UserError(
+            f"nodes run different numbers of ranks ({sorted(set(got))}): start every node with "
+            "the same --nproc_per_node, or set parallel.ranks_per_node"
+        )
+
+
+def topology_line(par: Any, info: Any) -> str:
+    """The topology the planner and dispatcher use (fssdp/ep), else the launcher's layout."""
+    topo = getattr(par, "topology", None)
+    if topo is not None:
+        world, rpn, src = topo.world_size, topo.ranks_per_node, "planner and dispatcher"
+    else:
+        world, rpn, src = info.world_size, info.ranks_per_node or info.world_size, "launcher"
+    return f"topology: {world // rpn} nodes x {rpn} ranks per node (world {world}; {src})"
+
+
+# Text of the backends' errors when a peer stops answering (gloo, NCCL, the TCP store).
+_LOST_PEER = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")
+
+
+def distributed_failure(err: BaseException) -> str | None:
+    """One line for a collective that timed out or lost its peer; None for anything else."""
+    from collectives.comm import CollectiveError
+
+    text = " ".join(str(err).split())
+    if not isinstance(err, CollectiveError):
+        if not any(k in text.lower() for k in _LOST_PEER):
+            return None
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        text = f"rank {rank}: {text}"
+    return (
+        f"{text[:300]} [in {_where(err)}]: a rank stopped answering or died; check the other "
+        "ranks' output, or raise parallel.timeout_s if a step is legitimately that slow"
+    )
+
+
+def _where(err: BaseException) -> str:
+    """The innermost frame of the training code (launch/, fssdp/) the error went through."""
+    root = Path(__file__).resolve().parent.parent
+    frames = []
+    for f in traceback.extract_tb(err.__traceback__):
+        path = Path(f.filename).resolve()
+        if path.is_relative_to(root) and path.relative_to(root).parts[0] in ("launch", "fssdp"):
+            frames.append(f)
+    if not frames:
+        return "startup"
+    f = frames[-1]
+    return f"{Path(f.filename).name}:{f.name}: {(f.line or '').strip()}"
 
 
 def _agree(run_dir: str) -> str:
@@ -163,6 +289,11 @@ def main(argv: list[str] | None = None) -> None:
         run(job, run_dir)
     except UserError as e:
         fail(str(e))
+    except RuntimeError as e:  # CollectiveError and the backends' timeout / lost-peer errors
+        line = distributed_failure(e)
+        if line is None:
+            raise
+        fail(line)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

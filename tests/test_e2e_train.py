@@ -1,4 +1,4 @@
-"""End to end under torchrun: the run directory, resume, and bad input (one line, exit 2)."""
+"""End to end under torchrun: the run directory and resume (bad input: tests/test_bad_input.py)."""
 
 from __future__ import annotations
 
@@ -105,22 +105,4 @@ def test_resume_continues_the_same_trajectory(run_dir: Path, tmp_path: Path) -> 
     assert (resumed / "metrics.rolled_back.jsonl").exists()
 
 
-BAD = {
-    "model=does_not_exist": "unknown model 'does_not_exist'",
-    "parallel=bogus": "unknown parallel 'bogus'",
-    "train.steps": "malformed override",
-    "train.steps=abc": "bad override",
-    "model.no_such_key=1": "bad override",
-    "data=tokens": "data.path",
-    "train.dtype=int8": "train.dtype",
-}
-
-
-@pytest.mark.parametrize("override", BAD)
-def test_bad_input_is_one_line_exit_2(override: str, tmp_path: Path) -> None:
-    p = python_train([override, f"hydra.run.dir={tmp_path / 'run'}"])
-    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
-    lines = [line for line in p.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, p.stderr
-    assert lines[0].startswith("fssdp: error:") and BAD[override] in lines[0], lines[0]
-    assert not (tmp_path / "run" / "checkpoints").exists()
+# Bad input (one line, exit code 2, nothing saved touched): tests/test_bad_input.py.

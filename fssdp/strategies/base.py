@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from fssdp.phases import NULL_TIMER, PhaseTimer, time_backward_chain
+from fssdp.strategies.state import layout_state_dict, load_layout
 from models.common.experts import ExpertBank
 
 
@@ -22,11 +23,19 @@ class LocalTimer:
     def __init__(self) -> None:
         self.step_s = 0.0
         self.last_s = 0.0
+        self.phases: PhaseTimer = NULL_TIMER
 
     def __call__(self, bank: ExpertBank, x_ND: Tensor, expert_N: Tensor) -> Tensor:
+        if self.phases.active and x_ND.requires_grad:
+            # A view of its own, so that its gradient hook fires when this call's backward is
+            # done, not when every user of x_ND is (a view's backward is the identity).
+            x_ND = x_ND.view_as(x_ND)
+        tok = self.phases.begin("expert")
         t0 = time.perf_counter()
         y = bank.compute(bank.stacked(), x_ND, expert_N)
         self.step_s += time.perf_counter() - t0
+        self.phases.end(tok)
+        time_backward_chain(self.phases, [y, x_ND], ["expert"])
         return y
 
     def end_step(self) -> None:
@@ -58,6 +67,21 @@ class Parallelized:
         """Parameters the trainer's (dense) optimizer steps."""
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
+    def set_phase_timer(self, timer: PhaseTimer) -> None:
+        """Record phase spans (fssdp/phases.py) into `timer`: the banks' executors report to it."""
+        self._timer.phases = timer
+
+    def expert_bytes(self) -> dict[str, int]:
+        """Bytes of one expert of each bank (its parameters), by bank name."""
+        return {
+            m.bank_name: sum(
+                p.numel() // max(1, p.shape[0]) * p.element_size()
+                for p in m.parameters(recurse=False)
+            )
+            for m in self.model.modules()
+            if isinstance(m, ExpertBank)
+        }
+
     def finish_backward(self) -> None:
         """Complete gradient synchronisation that backward left in flight."""
 
@@ -84,11 +108,11 @@ class Parallelized:
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self, opt: torch.optim.Optimizer) -> dict[str, Any]:
-        msd, osd = get_state_dict(self.model, opt)
-        return {"model": msd, "optim": osd}
+        """The shared layout ([Note: checkpoint layout] in fssdp/strategies/state.py)."""
+        return layout_state_dict(self.model, opt)
 
     def load_state_dict(self, sd: dict[str, Any], opt: torch.optim.Optimizer) -> None:
-        set_state_dict(self.model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        load_layout(self.model, opt, sd)
 
     def state_bytes(self, opt: torch.optim.Optimizer) -> int:
         """Bytes of parameters + gradients + optimizer state this rank holds."""

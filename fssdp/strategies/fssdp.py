@@ -12,17 +12,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from collectives.comm import backend_device
 from collectives.placement import Placement, Topology
 from fssdp.config import PLAN_MODES, ParallelConfig
 from fssdp.dense import layers, shard_dense
 from fssdp.executor import BankRuntime, ExecOptions
+from fssdp.groups import side_groups
 from fssdp.layout import ExpertLayout
+from fssdp.phases import NULL_TIMER, PhaseTimer
 from fssdp.planner import LoadEstimator, overlap_degree, plan_placement
 from fssdp.sharding import balanced_uniform_sharding, heterogeneous_sharding
 from fssdp.store import ExpertStore
 from fssdp.strategies.base import Parallelized
+from fssdp.strategies.state import layout_state_dict, load_layout
 from models.common.experts import ExpertBank
 
 
@@ -39,9 +42,7 @@ class FSSDPParallel(Parallelized):
         self.topology = Topology(self.world, ranks_per_node)
         # Sparse collectives and token dispatch get groups of their own
         # ([Note: three process groups] in fssdp/executor.py).
-        multi = self.world > 1
-        self.sparse_group = dist.new_group(backend=dist.get_backend()) if multi else None
-        self.dispatch_group = dist.new_group(backend=dist.get_backend()) if multi else None
+        self.sparse_group, self.dispatch_group = side_groups()
         banks = [m for m in model.modules() if isinstance(m, ExpertBank)]
         if not banks:
             raise ValueError(f"parallel={self.name}: the model has no expert bank")
@@ -62,6 +63,9 @@ class FSSDPParallel(Parallelized):
         self._dense_param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         super().__init__(shard_dense(model))
         self._last: dict[str, Any] = {}  # the finished step's figures, for metrics
+        self._phases: PhaseTimer = NULL_TIMER
+        # Sparse-transfer bandwidth (bytes/s) agreed over ranks; a guess until measured.
+        self.bandwidth = 1e9
         self.steps_done = 0
 
     # -- set-up ------------------------------------------------------------------------------
@@ -101,7 +105,7 @@ class FSSDPParallel(Parallelized):
         dense_norm = torch.nn.utils.get_total_norm(dense) if dense else torch.zeros(())
         if hasattr(dense_norm, "full_tensor"):
             dense_norm = dense_norm.full_tensor()
-        expert_sq = self.store.grad_sq_norm()
+        expert_sq = self.store.grad_sq_norm().to(backend_device())  # NCCL: on the GPU
         if self.world > 1:
             dist.all_reduce(expert_sq)
         total = math.sqrt(float(dense_norm) ** 2 + float(expert_sq))
@@ -120,7 +124,8 @@ class FSSDPParallel(Parallelized):
         self.store.adamw_step(opt.param_groups[0])
         self.store.zero_grad()
         self.steps_done += 1
-        self._end_step()
+        with self._phases.phase("plan"):
+            self._end_step()
 
     def _end_step(self) -> None:
         stats = {name: rt.end_step() for name, rt in self.runtimes.items()}
@@ -147,17 +152,32 @@ class FSSDPParallel(Parallelized):
                 )
 
     def _agree_timing(self, stats: dict[str, Any]) -> tuple[float, float]:
-        """Bandwidth and overlap time, the same on every rank (the planner must agree)."""
-        recv = sum(st.spag_bytes_recv for st in stats.values())
-        exposed = sum(st.transfer_s for st in stats.values())
+        """Bandwidth, overlap time and per-bank compute time per row, the same on every rank:
+        the planner runs on every rank and must reach the same placement.
+
+        Bandwidth is measured only from transfers whose wait blocked (a hidden transfer bounds
+        it from below only); until one is seen the previous estimate stands. Taking the max
+        over ranks makes every rank plan for the slowest one.
+        """
+        exposed = [st for st in stats.values() if st.blocked and st.spag_bytes_recv]
+        recv = sum(st.spag_bytes_recv for st in exposed)
+        secs = sum(st.transfer_s for st in exposed)
         overlap = [st.overlap_s for st in stats.values() if st.overlap_s > 0]
-        t = torch.tensor(
-            [float(recv), exposed, min(overlap) if overlap else 0.0], dtype=torch.float64
-        )
+        per_row = [
+            st.expert_time_s / st.rows_computed if st.rows_computed else 0.0
+            for st in stats.values()
+        ]
+        vals = [float(recv), secs, min(overlap) if overlap else 0.0, *per_row]
+        t = torch.tensor(vals, dtype=torch.float64, device=backend_device())
         if self.world > 1:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        bandwidth = t[0].item() / t[1].item() if t[0] > 0 and t[1] > 0 else 1e9
-        return bandwidth, t[2].item()
+        t = t.cpu()
+        if t[0] > 0 and t[1] > 0:
+            self.bandwidth = t[0].item() / t[1].item()
+        for rt, row_s in zip(self.runtimes.values(), t[3:].tolist()):
+            if row_s > 0:
+                rt.time_per_row_s = row_s
+        return self.bandwidth, t[2].item()
 
     def _degree(self, rt: BankRuntime, overlap_s: float, bandwidth: float) -> int:
         if self.cfg.overlap_degree >= 0:
@@ -176,14 +196,23 @@ class FSSDPParallel(Parallelized):
         self._last["resharded"] = True
 
     # -- accounting --------------------------------------------------------------------------
+    def set_phase_timer(self, timer: PhaseTimer) -> None:
+        super().set_phase_timer(timer)
+        self._phases = timer
+        for rt in self.runtimes.values():
+            rt.phases = timer
+
+    def expert_bytes(self) -> dict[str, int]:
+        return {n: rt.shard.layout.row_bytes() for n, rt in self.runtimes.items()}
+
     def comm_bytes(self) -> dict[str, int]:
         stats = self._last.get("stats", {})
         keys = ("spag", "sprs", "a2a")
         mine = [sum(st.bytes[k] for st in stats.values()) for k in keys]
-        t = torch.tensor(mine, dtype=torch.float64)
+        t = torch.tensor(mine, dtype=torch.float64, device=backend_device())
         if self.world > 1:
             dist.all_reduce(t)
-        out = {k: int(v) for k, v in zip(keys, t.tolist())}
+        out = {k: int(v) for k, v in zip(keys, t.cpu().tolist())}
         # FSDP2 on the dense parameters: all-gather forward and backward, reduce-scatter.
         out["dense"] = 3 * (self.world - 1) * self._dense_param_bytes
         return out
@@ -205,11 +234,11 @@ class FSSDPParallel(Parallelized):
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self, opt: torch.optim.Optimizer) -> dict[str, Any]:
-        msd, osd = get_state_dict(self.model, opt)
-        return {"model": msd, "optim": osd, "experts": self.store.state_dict()}
+        # The store's experts already use the shared layout (fssdp/strategies/state.py).
+        return layout_state_dict(self.model, opt, self.store.state_dict())
 
     def load_state_dict(self, sd: dict[str, Any], opt: torch.optim.Optimizer) -> None:
-        set_state_dict(self.model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        load_layout(self.model, opt, sd)
         self.store.load_state_dict(sd["experts"])
 
     # -- tests and tools ---------------------------------------------------------------------

@@ -1,0 +1,94 @@
+"""Markdown tables for the README's Performance section, from compare.json and simulate.json.
+
+python -m perf.readme_table [--results perf/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from perf.compare_plot import SYSTEM_ORDER
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _f(x: float | None, fmt: str = "{:.0f}") -> str:
+    return "—" if x is None else fmt.format(x)
+
+
+def compare_table(rep: dict[str, Any]) -> str:
+    systems = [s for s in SYSTEM_ORDER if any(f"/{s}/" in k for k in rep["cases"])]
+    lines = [
+        "| model | world | routing | " + " | ".join(systems) + " | ep, balanced routing |",
+        "|---|---|---|" + "---|" * (len(systems) + 1),
+    ]
+    s = rep["settings"]
+    for model in s["models"]:
+        for world in s["worlds"]:
+            for routing in ("natural", "skewed"):
+                cells = []
+                for sys_ in systems:
+                    c = rep["cases"].get(f"{model}/w{world}/{sys_}/{routing}") or {}
+                    strag = c.get("straggler_ratio")
+                    cell = _f(c.get("tokens_per_s"))
+                    cells.append(cell + (f" ({strag:.2f})" if strag else ""))
+                bal = rep["cases"].get(f"{model}/w{world}/ep/balanced") or {}
+                lines.append(
+                    f"| {model} | {world} | {routing} | "
+                    + " | ".join(cells)
+                    + f" | {_f(bal.get('tokens_per_s'))} |"
+                )
+    return "\n".join(lines)
+
+
+def ratio_table(rep: dict[str, Any]) -> str:
+    keys = (
+        "fssdp_over_ep",
+        "fssdp_over_deepspeed",
+        "fssdp_over_fsdp",
+        "fssdp_over_ddp",
+        "fssdp_tuned_over_ep",
+    )
+    lines = [
+        "| model | world | routing | " + " | ".join(keys) + " | fssdp skewed / ep balanced step |",
+        "|---|---|---|" + "---|" * (len(keys) + 1),
+    ]
+    for model, by_world in rep["ratios"].items():
+        for world, r in by_world.items():
+            for routing in ("skewed", "natural"):
+                vals = " | ".join(_f(r[routing].get(k), "{:.2f}x") for k in keys)
+                bal = r["fssdp_skewed_step_over_ep_balanced_step"] if routing == "skewed" else None
+                lines.append(f"| {model} | {world} | {routing} | {vals} | {_f(bal, '{:.2f}x')} |")
+    return "\n".join(lines)
+
+
+def hecate_table(sim: dict[str, Any]) -> str:
+    systems = ("fssdp", "fssdp_lookahead", "fssdp_exact", "fastermoe", "fsdp", "ddp")
+    lines = [
+        "| routing / cluster / model / GPUs | " + " | ".join(systems) + " |",
+        "|---|" + "---|" * len(systems),
+    ]
+    for key, row in sorted(sim["hecate"].items()):
+        sp = row["speedup_over_ep"]
+        lines.append(f"| {key} | " + " | ".join(_f(sp.get(s), "{:.2f}x") for s in systems) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m perf.readme_table")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    a = ap.parse_args()
+    cmp_path, sim_path = a.results / "compare.json", a.results / "simulate.json"
+    if cmp_path.exists():
+        rep = json.loads(cmp_path.read_text())
+        print(compare_table(rep), "\n")
+        print(ratio_table(rep), "\n")
+    if sim_path.exists():
+        print(hecate_table(json.loads(sim_path.read_text())))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""perf.compare's cases, command lines and compare.json schema, on a tiny fake run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from perf.balanced_train import balanced_route, round_robin_experts
+from perf.compare import build_report, parse
+from perf.compare_cases import QUICK, Case, cases, command
+from perf.compare_stats import summarize
+
+TOKENS = QUICK.global_batch * QUICK.seq_len
+
+
+def fake_run(step_s: float, strag: float, steps: int = QUICK.steps) -> list[dict]:
+    """metrics.jsonl records of one run whose steps after the warm-up take `step_s`."""
+    recs = []
+    for s in range(1, steps + 1):
+        t = 10.0 if s <= QUICK.warmup else step_s  # warm-up steps are slow and must be dropped
+        recs.append(
+            {
+                "step": s,
+                "loss": 5.0 - s * 0.1,
+                "tokens_per_s": TOKENS / t,
+                "step_time_s": t,
+                "rank_step_time_s": [t, t * 0.9],
+                "straggler_ratio": strag,
+                "comm_bytes": {"a2a": 100, "spag": 10, "sprs": 10, "dense": 5},
+                "model_state_bytes": [1000.0, 1000.0],
+                "phase_time_s": {"expert": [0.2, 0.1], "forward": [0.3, 0.3]},
+            }
+        )
+    return recs
+
+
+STEP_S = {"fssdp": 1.0, "ep": 1.5, "fsdp": 2.0, "ddp": 1.25, "deepspeed": 3.0, "fssdp_tuned": 0.75}
+
+
+def test_quick_cases_and_commands(tmp_path) -> None:  # noqa: ANN001
+    todo = cases(QUICK)
+    assert len(todo) == 11 and Case("gpt_moe_bench", 2, "ep", "balanced") in todo
+    ds = command(Case("gpt_moe_bench", 2, "deepspeed", "skewed"), QUICK, tmp_path)
+    assert ds[ds.index("-m") + 1] == "perf.deepspeed_moe"
+    assert f"model.route_skew={QUICK.skew}" in ds and not any(a.startswith("parallel=") for a in ds)
+    bal = command(Case("gpt_moe_bench", 2, "ep", "balanced"), QUICK, tmp_path)
+    assert bal[bal.index("-m") + 1] == "perf.balanced_train" and "parallel=ep" in bal
+    assert not any("route_skew" in a for a in bal)
+    fs = command(Case("gpt_moe_bench", 2, "fssdp", "natural"), QUICK, tmp_path)
+    assert (
+        "train.log_every=1" in fs
+        and "--nproc_per_node=2" in fs
+        and "train.routing_trace=true" in fs
+    )
+    assert sum(c.system == "fssdp_tuned" for c in cases(parse([])[0])) == 4  # full run
+    tuned = command(Case("gpt_moe_bench", 2, "fssdp_tuned", "skewed"), QUICK, tmp_path)
+    assert "parallel=fssdp" in tuned and "parallel.plan_mode=exact" in tuned
+    moeut = cases(parse(["--models", "moeut_tiny"])[0])
+    assert all(c.system not in ("deepspeed", "fssdp_tuned") for c in moeut)
+
+
+def test_report_schema_and_ratios() -> None:
+    raw = {"records": {}, "failed": {}}
+    for c in cases(QUICK):
+        step = STEP_S[c.system] * (0.8 if c.routing == "balanced" else 1.0)
+        raw["records"][c.key] = [fake_run(step, 1.05 if c.system == "fssdp" else 1.9)]
+    raw["failed"]["gpt_moe_bench/w2/ddp/natural"] = "exit 1: boom"
+    del raw["records"]["gpt_moe_bench/w2/ddp/natural"]
+    report = json.loads(json.dumps(build_report(QUICK, raw, ["--quick"])))  # JSON-clean
+    assert set(report) >= {"command", "settings", "machine", "cases", "ratios", "targets"}
+    case = report["cases"]["gpt_moe_bench/w2/fssdp/skewed"]
+    assert case["step_time_s"] == 1.0 and case["tokens_per_s"] == TOKENS  # warm-up dropped
+    assert case["steps_measured"] == QUICK.steps - QUICK.warmup and case["comm_bytes"]["a2a"] == 100
+    assert case["phase_time_s"]["expert"] == {"mean": pytest.approx(0.15), "max": 0.2}
+    assert report["cases"]["gpt_moe_bench/w2/ddp/natural"]["error"] == "exit 1: boom"
+    r = report["ratios"]["gpt_moe_bench"]["2"]
+    assert r["skewed"]["fssdp_over_ep"] == pytest.approx(1.5)
+    assert r["skewed"]["fssdp_over_deepspeed"] == pytest.approx(3.0)
+    assert r["natural"]["fssdp_over_ddp"] is None  # the failed case
+    assert r["fssdp_skewed_step_over_ep_balanced_step"] == pytest.approx(1.0 / 1.2)
+    assert r["skewed"]["fssdp_tuned_over_ep"] is None  # not in the quick run
+    t = report["targets"]["gpt_moe_bench"]
+    assert t["fssdp_over_ep>=1.3"] == [pytest.approx(1.5), True]
+    assert t["fssdp_straggler<=1.1"][1] is True
+
+
+def test_summarize_needs_measured_steps() -> None:
+    with pytest.raises(ValueError, match="no measured steps"):
+        summarize([fake_run(1.0, 1.0, steps=QUICK.warmup)], QUICK.warmup, TOKENS)
+
+
+def test_balanced_routing_is_exactly_even() -> None:
+    ids = round_robin_experts(1024, 2, 16)
+    assert torch.bincount(ids.flatten(), minlength=16).tolist() == [128] * 16
+    assert (ids[:, 0] != ids[:, 1]).all()
+    logits = torch.randn(64, 4, 8)  # [tokens, heads, experts]: each head balanced too
+    r = balanced_route(logits, 2, "sigmoid")
+    for h in range(4):
+        assert torch.bincount(r.expert_TK[:, h].flatten(), minlength=8).tolist() == [16] * 8
+    assert torch.allclose(r.gate_TK, torch.sigmoid(logits).gather(-1, r.expert_TK))

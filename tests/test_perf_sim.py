@@ -1,0 +1,109 @@
+"""The simulator's cost model and systems (perf/cost_model.py, perf/sim_systems.py, sim_run.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from launch.routing_trace import RoutingTrace
+from perf.cost_model import Cluster, Workload, even_sources, expert_s, scale_rows, transfer_s
+from perf.sim_run import simulate, summary
+from perf.sim_systems import EPSim, FSSDPSim
+
+GB = 1e9
+
+
+def cluster(nodes: int = 1, per_node: int = 4, **kw: float) -> Cluster:
+    base = dict(flops=1e12, expert_flops=1e12, intra_bw=10 * GB, inter_bw=1 * GB)
+    base.update(kw)
+    return Cluster("t", nodes, per_node, **base)  # type: ignore[arg-type]
+
+
+def workload(world: int = 4, experts: int = 8) -> Workload:
+    return Workload(
+        d_model=64,
+        n_layers=2,
+        seq_len=32,
+        tokens_per_rank=128,
+        num_experts=experts,
+        top_k=2,
+        expert_hidden=128,
+        vocab=256,
+    )
+
+
+def test_transfer_time_is_the_busiest_link() -> None:
+    c = cluster(nodes=2, per_node=2)
+    m = [[0.0] * 4 for _ in range(4)]
+    m[0][1] = 10 * GB  # intra-node: 1 s at 10 GB/s
+    assert transfer_s(m, c) == pytest.approx(1.0)
+    m[0][2] = 2 * GB  # inter-node: node 0's NIC sends 2 GB at 1 GB/s
+    m[1][3] = 1 * GB  # same NIC, another device: the NIC is shared
+    assert transfer_s(m, c) == pytest.approx(3.0)
+    m2 = [[5 * GB if s == r else 0.0 for r in range(4)] for s in range(4)]
+    assert transfer_s(m2, c) == 0.0  # to itself: free
+
+
+def test_even_sources_and_scale_rows_keep_totals() -> None:
+    rows = scale_rows([5.0, 3.0, 0.0, 2.0], 101)
+    assert sum(rows) == 101 and rows[2] == 0 and rows[0] > rows[1] > rows[3]
+    src = even_sources([10, 3, 0, 7], 4)
+    assert [sum(col) for col in zip(*src)] == [10, 3, 0, 7]
+    assert max(max(r) - min(r) for r in zip(*src)) <= 1  # split evenly over sources
+
+
+def test_ep_hot_expert_owner_is_the_straggler() -> None:
+    w, c = workload(), cluster()
+    skewed = [w.rows_per_rank * 4] + [0] * 7  # every row to expert 0 (owned by rank 0)
+    cost = EPSim(w, c).layer("b", skewed)
+    assert cost.rows_max == 4 * w.rows_per_rank
+    assert cost.expert_s == pytest.approx(expert_s(4 * w.rows_per_rank, w, c))
+    # ranks 1..3 each send their quarter of the rows to rank 0: 4 all-to-alls of 3/4 of them
+    rank0_in = 3 * w.rows_per_rank * w.d_model * w.act_bytes
+    assert cost.a2a_s == pytest.approx(4 * rank0_in / c.intra_bw)
+
+
+def test_fssdp_replicas_balance_rows_and_cost_transfers() -> None:
+    w, c = workload(), cluster(intra_bw=1e15)  # fast links: the overlap degree allows t >= m
+    skewed = [w.rows_per_rank * 2, w.rows_per_rank * 2] + [0] * 6
+    sim = FSSDPSim(w, c, memory_cap=2)
+    first = sim.layer("b", skewed)  # step 1: nothing planned yet, owners only
+    second = sim.layer("b", skewed)  # planned from step 1's load
+    assert first.rows_max == 4 * w.rows_per_rank  # rank 0 owns experts 0 and 1
+    assert second.rows_max == w.rows_per_rank  # every rank holds experts 0 and 1
+    assert second.bytes["spag"] == 6 * w.expert_params * w.param_bytes
+    ep = EPSim(w, c).layer("b", skewed)
+    assert second.expert_s < ep.expert_s
+    slow = FSSDPSim(w, cluster(intra_bw=1e3), memory_cap=2)  # no copy fits the overlap window
+    slow.layer("b", skewed)
+    assert slow.layer("b", skewed).rows_max == 4 * w.rows_per_rank
+
+
+def test_simulate_trace_and_summary() -> None:
+    w, c = workload(), cluster()
+    trace = RoutingTrace(
+        {"banks": {"b0": {"num_experts": 8}}},
+        [{"b0": [400, 200, 100, 50, 10, 10, 10, 10]} for _ in range(4)],
+    )
+    ep = summary(simulate("ep", trace, w, c), warmup=1)
+    fs = summary(simulate("fssdp", trace, w, c), warmup=1)
+    fsdp = summary(simulate("fsdp", trace, w, c), warmup=1)
+    assert fs["rows_max_over_mean"] < ep["rows_max_over_mean"]
+    assert fsdp["a2a_s"] == 0.0 and fsdp["rows_max_over_mean"] == 1.0
+    assert ep["step_s"] == pytest.approx(
+        ep["dense_s"]
+        + ep["expert_s"]
+        + ep["a2a_s"]
+        + ep["exposed_s"]
+        + ep["plan_s"]
+        + 3 * 2 * w.tokens_per_rank * w.d_model * w.vocab / c.flops
+    )
+    with pytest.raises(ValueError, match="unknown system"):
+        simulate("nope", trace, w, c)
+
+
+def test_more_ranks_than_experts_run_in_groups() -> None:
+    w = workload(experts=8)
+    trace = RoutingTrace({}, [{"b0": [1] * 8} for _ in range(2)])
+    c16 = Cluster("t", 2, 8, 1e12, 1e12, 10 * GB, 1 * GB)
+    res = simulate("ep", trace, w, c16)
+    assert all(x.rows_mean == w.rows_per_rank for r in res for x in r.layers)
