@@ -68,7 +68,6 @@ class StepStats:
     prefetch_t: float | None = None  # when the predicted spAG was issued
     overlap_s: float = 0.0  # dense work the spAG hid behind (issue → first call)
     transfer_s: float = 0.0  # issue → completion of the wait
-    blocked: bool = False  # the wait blocked: transfer_s measures the transfer, not the overlap
     spag_bytes_recv: int = 0
 
 
@@ -182,8 +181,6 @@ class BankRuntime:
         done = time.perf_counter()
         if self.stats.prefetch_t is not None:
             self.stats.transfer_s = done - self.stats.prefetch_t
-            # A wait that returned at once says only "bandwidth ≥ bytes / transfer_s".
-            self.stats.blocked = done - now > 0.1 * self.stats.transfer_s
         if self.opts.plan_mode == "calibrate":
             raw_HS = self._calibrate(raw_HS, counts_WE)
         held = raw_HS.detach().requires_grad_(True)

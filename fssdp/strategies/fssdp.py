@@ -7,6 +7,7 @@ Dense parameters go to FSDP2; every expert bank's parameters move into the per-r
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 from collectives.comm import backend_device
 from collectives.placement import Placement, Topology
+from collectives.sparse import sparse_all_gather
 from fssdp.config import PLAN_MODES, ParallelConfig
 from fssdp.dense import layers, shard_dense
 from fssdp.executor import BankRuntime, ExecOptions
@@ -64,8 +66,8 @@ class FSSDPParallel(Parallelized):
         super().__init__(shard_dense(model))
         self._last: dict[str, Any] = {}  # the finished step's figures, for metrics
         self._phases: PhaseTimer = NULL_TIMER
-        # Sparse-transfer bandwidth (bytes/s) agreed over ranks; a guess until measured.
-        self.bandwidth = 1e9
+        # Sparse-transfer bandwidth (bytes/s), measured once and agreed over ranks.
+        self.bandwidth = self._measure_bandwidth()
         self.steps_done = 0
 
     # -- set-up ------------------------------------------------------------------------------
@@ -152,32 +154,61 @@ class FSSDPParallel(Parallelized):
                 )
 
     def _agree_timing(self, stats: dict[str, Any]) -> tuple[float, float]:
-        """Bandwidth, overlap time and per-bank compute time per row, the same on every rank:
-        the planner runs on every rank and must reach the same placement.
-
-        Bandwidth is measured only from transfers whose wait blocked (a hidden transfer bounds
-        it from below only); until one is seen the previous estimate stands. Taking the max
-        over ranks makes every rank plan for the slowest one.
-        """
-        exposed = [st for st in stats.values() if st.blocked and st.spag_bytes_recv]
-        recv = sum(st.spag_bytes_recv for st in exposed)
-        secs = sum(st.transfer_s for st in exposed)
+        """Overlap time and per-bank compute time per row, the same on every rank: the
+        planner runs on every rank and must reach the same placement (max over ranks: plan
+        for the slowest)."""
         overlap = [st.overlap_s for st in stats.values() if st.overlap_s > 0]
         per_row = [
             st.expert_time_s / st.rows_computed if st.rows_computed else 0.0
             for st in stats.values()
         ]
-        vals = [float(recv), secs, min(overlap) if overlap else 0.0, *per_row]
-        t = torch.tensor(vals, dtype=torch.float64, device=backend_device())
+        t = torch.tensor(
+            [min(overlap) if overlap else 0.0, *per_row],
+            dtype=torch.float64,
+            device=backend_device(),
+        )
         if self.world > 1:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         t = t.cpu()
-        if t[0] > 0 and t[1] > 0:
-            self.bandwidth = t[0].item() / t[1].item()
-        for rt, row_s in zip(self.runtimes.values(), t[3:].tolist()):
+        for rt, row_s in zip(self.runtimes.values(), t[1:].tolist()):
             if row_s > 0:
                 rt.time_per_row_s = row_s
-        return self.bandwidth, t[2].item()
+        return self.bandwidth, t[0].item()
+
+    def _measure_bandwidth(self) -> float:
+        """Bytes/s of a synchronous sparse all-gather (each expert of the largest bank to the
+        next rank), the slowest rank's figure.
+
+        [Note: why bandwidth is measured once, synchronously]
+        The prefetched transfer's issue-to-completion time includes the dense work it hides
+        behind whenever the transfer cannot progress during compute (gloo on busy cores): a
+        bandwidth derived from it shrinks the overlap degree, which shrinks the next transfer,
+        and the planner collapses to no replicas. A synchronous transfer measures the link.
+        """
+        if self.world == 1:
+            return 1e9
+        rt = max(self.runtimes.values(), key=lambda r: r.shard.layout.row_bytes())
+        own = rt.shard.ownership
+        target = own.with_replicas(
+            {e: [(own.owner[e] + 1) % self.world] for e in range(own.num_experts)}
+        )
+        dist.barrier(group=self.sparse_group)
+        t0 = time.perf_counter()
+        _, st = sparse_all_gather(
+            rt.shard.rows_OS,
+            own,
+            target,
+            self.sparse_group,
+            algorithm=self.cfg.collective_algorithm,
+            phase="bandwidth probe",
+            timeout_s=self.cfg.timeout_s,
+        )
+        elapsed = time.perf_counter() - t0
+        bw = torch.tensor(
+            [st.bytes_recv / max(elapsed, 1e-9)], dtype=torch.float64, device=backend_device()
+        )
+        dist.all_reduce(bw, op=dist.ReduceOp.MIN)
+        return max(float(bw.item()), 1.0)
 
     def _degree(self, rt: BankRuntime, overlap_s: float, bandwidth: float) -> int:
         if self.cfg.overlap_degree >= 0:
