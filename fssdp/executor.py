@@ -132,21 +132,30 @@ class BankRuntime:
         return self.shard.layout.bank_name
 
     # -- materialisation ---------------------------------------------------------------------
-    def _gather(self, placement: Placement) -> SparseHandle:
+    def _spag(
+        self, rows_FS: Tensor, src: Placement, dst: Placement, what: str, async_op: bool
+    ) -> SparseHandle:
+        """SparseAllGather on the sparse group, counted in this step's bytes."""
         handle = sparse_all_gather(
-            self.shard.rows_OS,
-            self.shard.ownership,
-            placement,
+            rows_FS,
+            src,
+            dst,
             self.sparse_group,
             async_op=True,
             algorithm=self.opts.algorithm,
-            phase=f"spag {self.name}",
+            phase=f"{what} {self.name}",
             timeout_s=self.opts.timeout_s,
             topology=self.topology,
         )
+        assert isinstance(handle, SparseHandle)
         self.stats.bytes["spag"] += handle.stats.bytes_sent
         self.stats.spag_bytes_recv += handle.stats.bytes_recv
+        if not async_op:
+            handle.wait()
         return handle
+
+    def _gather(self, placement: Placement) -> SparseHandle:
+        return self._spag(self.shard.rows_OS, self.shard.ownership, placement, "spag", True)
 
     def prefetch(self) -> None:
         """Issue this step's spAG early (forward pre-hook of the bank's layer)."""
@@ -209,19 +218,7 @@ class BankRuntime:
         )
         if better == self.placement:
             return raw_HS
-        handle = sparse_all_gather(
-            raw_HS,
-            self.placement,
-            better,
-            self.sparse_group,
-            async_op=False,
-            algorithm=self.opts.algorithm,
-            phase=f"spag-calibrate {self.name}",
-            timeout_s=self.opts.timeout_s,
-            topology=self.topology,
-        )
-        out, st = handle
-        self.stats.bytes["spag"] += st.bytes_sent
+        out = self._spag(raw_HS, self.placement, better, "spag-calibrate", False).wait()
         self.placement = better
         return out
 
@@ -238,17 +235,9 @@ class BankRuntime:
 
     def _refill_untimed(self) -> None:
         assert self.held is not None and self.placement is not None
-        fresh, st = sparse_all_gather(
-            self.shard.rows_OS,
-            self.shard.ownership,
-            self.placement,
-            self.sparse_group,
-            algorithm=self.opts.algorithm,
-            phase=f"spag-rematerialize {self.name}",
-            timeout_s=self.opts.timeout_s,
-            topology=self.topology,
-        )
-        self.stats.bytes["spag"] += st.bytes_sent
+        fresh = self._spag(
+            self.shard.rows_OS, self.shard.ownership, self.placement, "spag-rematerialize", False
+        ).wait()
         storage = self.held.untyped_storage()
         storage.resize_(fresh.untyped_storage().nbytes())
         storage.copy_(fresh.untyped_storage())
