@@ -1,0 +1,148 @@
+"""FSSDP in the simulator, with the project's own planner and dispatcher.
+
+Legend: W ranks, E experts, rows_E global rows per expert this step, src_WE rows per source
+rank and expert. Ownership from `fssdp.sharding.balanced_uniform_sharding` (what the runtime
+starts from), the placement from `fssdp.planner` (`plan_placement` on the `LoadEstimator`'s
+estimate, `plan_exact`, or `calibrate`; or the proposed [Note: costed degree]), the dispatch
+from `fssdp.assign.assign_tokens`, so rows per rank and bytes per link are the real runtime's.
+The planner's and dispatcher's CPU time (process time) is reported as `plan_s`. Overlap rules:
+[Note: overlap rules] in perf/sim_systems.py.
+"""
+
+from __future__ import annotations
+
+import time
+
+from collectives.placement import Placement, Topology
+from fssdp.assign import assign_tokens, rows_per_rank
+from fssdp.planner import LoadEstimator, calibrate, overlap_degree, plan_exact, plan_placement
+from fssdp.sharding import balanced_uniform_sharding
+from perf.cost_model import Cluster, Workload, attn_fwd_s, even_sources, expert_s, transfer_s
+from perf.sim_layer import LayerCost, a2a_cost, layer_cost, zeros
+
+# [Note: costed degree]
+# A proposed replacement of the runtime's overlap-degree rule (t = copies that fit behind the
+# attention forward): for t in {0, 1, 2, 4, …}, plan with the estimated loads and m = max(cap, t),
+# predict the slowest rank's expert time plus the exposed spAG/spRS time, keep the cheapest. It
+# accepts an exposed transfer when the balance it buys is worth more, as FasterMoE's shadowing
+# does, but judges on the estimate (before routing), so the transfer can still be prefetched.
+
+
+class FSSDPSim:
+    """The real planner and dispatcher; see [Note: overlap rules]."""
+
+    name = "fssdp"
+
+    def __init__(
+        self,
+        w: Workload,
+        c: Cluster,
+        memory_cap: int = 2,
+        window: int = 5,
+        mode: str = "predict",
+        lookahead: bool = False,
+    ) -> None:
+        self.w, self.c, self.m, self.mode, self.lookahead = w, c, memory_cap, mode, lookahead
+        self.window = window
+        self.topo = Topology(c.world, c.per_node)
+        self.owner: dict[str, Placement] = {}
+        self.est: dict[str, LoadEstimator] = {}
+        self.prev_fwd_s = 0.0  # the previous layer's forward this step (lookahead window)
+
+    def start_step(self) -> None:
+        self.prev_fwd_s = 0.0
+
+    def _hide_fwd_s(self) -> float:
+        """What the spAG hides behind: this layer's attention forward (+ the previous layer's
+        forward with lookahead)."""
+        if self.mode == "exact":
+            return 0.0
+        return attn_fwd_s(self.w, self.c) + (self.prev_fwd_s if self.lookahead else 0.0)
+
+    def _bank(self, bank: str) -> tuple[Placement, LoadEstimator]:
+        if bank not in self.owner:
+            E = self.w.num_experts
+            owners = balanced_uniform_sharding({bank: E}, self.topo)[bank]
+            self.owner[bank] = Placement.from_owners(owners, self.c.world)
+            self.est[bank] = LoadEstimator(E, self.window)
+        return self.owner[bank], self.est[bank]
+
+    def _spag_bw(self) -> float:
+        """Per-device bandwidth of a spread-out spAG (intra and inter peers alike)."""
+        c = self.c
+        if c.nodes == 1:
+            return c.intra_bw
+        f_inter = (c.world - c.per_node) / (c.world - 1)
+        share = c.inter_bw / c.per_node
+        return 1.0 / (f_inter / share + (1 - f_inter) / c.intra_bw)
+
+    def _placement(self, own: Placement, est: LoadEstimator, src: list[list[int]]) -> Placement:
+        if self.mode == "exact":
+            return plan_exact(src, own, self.topo, self.m)
+        if not est._history:  # step 1: the runtime has planned nothing yet
+            return own
+        if self.mode == "costed":
+            return self._costed(own, est.estimate())
+        t = overlap_degree(self._hide_fwd_s(), self._spag_bw(), self._bytes_e(), self.w.num_experts)
+        return plan_placement(est.estimate(), own, self.topo, t, self.m)
+
+    def _costed(self, own: Placement, load_E: list[float]) -> Placement:
+        """The proposed rule ([Note: costed degree]): the t (and m = max(cap, t)) whose predicted
+        expert time + exposed transfers is least, judged on the *estimated* loads."""
+        w, c = self.w, self.c
+        scale = c.world * w.rows_per_rank / max(1.0, sum(load_E))
+        est_src = even_sources([round(x * scale) for x in load_E], c.world)
+        best: tuple[float, Placement] | None = None
+        for t in (0, 1, 2, 4, 8, 16, 32):
+            if t > w.num_experts:
+                break
+            p1 = plan_placement(load_E, own, self.topo, t, max(self.m, t))
+            rows = rows_per_rank(est_src, assign_tokens(est_src, p1, self.topo))
+            trial = LayerCost(0.0, expert_s(max(rows), w, c))
+            self._materialize(trial, own, p1, self._hide_fwd_s())
+            if best is None or trial.total_s < best[0]:
+                best = (trial.total_s, p1)
+        assert best is not None
+        return best[1]
+
+    def layer(self, bank: str, rows_E: list[int]) -> LayerCost:
+        own, est = self._bank(bank)
+        src = even_sources(rows_E, self.c.world)
+        t0 = time.process_time()
+        p1 = self._placement(own, est, src)
+        p2 = self._calibrated(p1, src) if self.mode == "calibrate" else p1
+        plan = assign_tokens(src, p2, self.topo)
+        rows = rows_per_rank(src, plan)
+        plan_s = time.process_time() - t0
+        est.update(rows_E)
+        cost = layer_cost(self.w, self.c, rows, a2a_cost(src, plan, self.w, self.c))
+        cost.plan_s = plan_s
+        self._materialize(cost, own, p1, self._hide_fwd_s())
+        if p2 is not p1:  # calibration's extra copies: gathered after routing, not hidden
+            self._materialize(cost, p1, p2, 0.0)
+        self.prev_fwd_s = (cost.dense_s + cost.expert_s + cost.a2a_s) / 3
+        return cost
+
+    def _calibrated(self, p1: Placement, src: list[list[int]]) -> Placement:
+        """The runtime's `calibrate` mode: extra copies for the true counts when they pay."""
+        w, c = self.w, self.c
+        per_row = expert_s(1, w, c)
+        return calibrate(p1, src, self.topo, self.m, self._bytes_e(), self._spag_bw(), per_row)
+
+    def _bytes_e(self) -> int:
+        return self.w.expert_params * self.w.param_bytes
+
+    def _materialize(self, cost: LayerCost, base: Placement, p: Placement, hide: float) -> None:
+        """spAG base → p (hidden behind `hide` seconds) and the spRS back (behind the attention
+        backward)."""
+        w, c = self.w, self.c
+        ag, rs = zeros(c.world), zeros(c.world)
+        for e, holders in enumerate(p.holders):
+            src = p.owner[e]
+            for r in holders - base.holders[e]:
+                ag[src][r] += w.expert_params * w.param_bytes
+                rs[r][src] += w.expert_params * w.grad_bytes
+        cost.exposed_s += max(0.0, transfer_s(ag, c) - hide)
+        cost.exposed_s += max(0.0, transfer_s(rs, c) - 2 * attn_fwd_s(w, c))
+        for k, m in (("spag", ag), ("sprs", rs)):
+            cost.bytes[k] = cost.bytes.get(k, 0.0) + sum(map(sum, m))
