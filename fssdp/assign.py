@@ -31,6 +31,20 @@ Plan = list[list[list[Chunk]]]  # plan[s][e] -> chunks of source s's rows of exp
 # uniform counts and the same number of holders per node) nothing crosses nodes. A node with
 # more rows than its holders' quota does send the excess away: balance wins over locality.
 
+# [Note: levelling quotas]
+# An even split per expert balances each replicated expert but not the ranks: an owner also
+# computes all rows of its unreplicated experts, so under skew the rank owning the hot experts'
+# neighbours stays the straggler (seen: 1.1-1.4x by rows at world 2 with the two hottest experts
+# on every rank). Levelling fixes it with the replicas already there: unreplicated experts fix a
+# base load per rank; replicated experts, fewest holders first (then most rows, then id), pour
+# their rows into their holders like water, lowest-loaded holder first, up to a common level
+# (leftover rows one each by `holder_quotas`' order). Levelling happens inside each node: a node
+# computes exactly the rows of e the even split gives its holders, so no more rows cross nodes
+# than before. It moves more rows between ranks of a node, so it is used only when it lowers the
+# busiest rank's rows by more than LEVEL_GAIN of them; otherwise the even split stands. Both
+# come from the all-gathered count matrix alone, so every rank still gets the same plan.
+LEVEL_GAIN = 0.02
+
 
 def as_count_matrix(counts_WE: Any, world_size: int, num_experts: int) -> list[list[int]]:
     """counts_WE (nested lists or a tensor) as a validated [W][E] list of non-negative ints."""
@@ -102,12 +116,74 @@ def _fill(
     return moves
 
 
+def _level(loads: list[int], total: int) -> tuple[list[int], list[int]]:
+    """Water-fill `total` rows over holders with `loads`: (quotas, holders tied at the level).
+
+    Quotas lift the least-loaded holders to a common integer level; the returned tie list names
+    the holders at that level, to which the caller hands the leftover rows one each.
+    """
+    n = len(loads)
+    order = sorted(range(n), key=lambda i: (loads[i], i))
+    k, filled = 1, loads[order[0]] + total
+    while k < n and filled > k * loads[order[k]]:  # level still above the next holder's load
+        filled += loads[order[k]]
+        k += 1
+    level, rem = divmod(filled, k)
+    quota = [0] * n
+    for i in order[:k]:
+        quota[i] = level - loads[i]
+    return quota, [rem, *order[:k]]
+
+
+def _leftover_order(col_W: Sequence[int], holders: Sequence[int], quota: list[int]) -> list[int]:
+    """Indices of holders in the order leftover rows go: more own rows than quota first."""
+    return sorted(range(len(holders)), key=lambda i: (col_W[holders[i]] <= quota[i], holders[i]))
+
+
+def expert_quotas(
+    counts: list[list[int]], placement: Placement, topology: Topology
+) -> list[dict[int, int]]:
+    """Rows each holder computes, per expert: [Note: levelling quotas] when it pays, else the
+    even split of [Note: even split, then nearest replica]."""
+    W, E = topology.world_size, placement.num_experts
+    cols = [[counts[s][e] for s in range(W)] for e in range(E)]
+    holders = [sorted(placement.holders[e]) for e in range(E)]
+    even = [dict(zip(holders[e], holder_quotas(cols[e], holders[e], topology))) for e in range(E)]
+    level = [dict.fromkeys(hs, 0) for hs in holders]
+    load = [0] * W
+    for e in range(E):
+        if len(holders[e]) == 1:
+            level[e] = {holders[e][0]: sum(cols[e])}
+            load[holders[e][0]] += sum(cols[e])
+    multi = [e for e in range(E) if len(holders[e]) > 1 and any(cols[e])]
+    for e in sorted(multi, key=lambda e: (len(holders[e]), -sum(cols[e]), e)):
+        for node in range(topology.num_nodes):  # a node computes what the even split gives it
+            hs = [h for h in holders[e] if topology.node_of(h) == node]
+            if not hs:
+                continue
+            quota, (rem, *tied) = _level([load[h] for h in hs], sum(even[e][h] for h in hs))
+            for i in [i for i in _leftover_order(cols[e], hs, quota) if i in tied][:rem]:
+                quota[i] += 1
+            for h, q in zip(hs, quota):
+                level[e][h] = q
+                load[h] += q
+    return level if max(load) < (1 - LEVEL_GAIN) * max(_rows(even, W)) else even
+
+
+def _rows(quotas: list[dict[int, int]], W: int) -> list[int]:
+    rows = [0] * W
+    for q in quotas:
+        for h, n in q.items():
+            rows[h] += n
+    return rows
+
+
 def _assign_expert(
-    col_W: Sequence[int], holders: list[int], topology: Topology
+    col_W: Sequence[int], quota_H: dict[int, int], topology: Topology
 ) -> list[tuple[int, int, int]]:
     """(source, dest, n) moves for one expert; see [Note: even split, then nearest replica]."""
-    quota = holder_quotas(col_W, holders, topology)
-    free_H = dict(zip(holders, quota))
+    holders = sorted(quota_H)
+    free_H = dict(quota_H)
     left_S = {s: c for s, c in enumerate(col_W) if c}
     moves: list[tuple[int, int, int]] = []
     for h in holders:  # 1. local
@@ -139,12 +215,13 @@ def assign_tokens(counts_WE: Any, placement: Placement, topology: Topology) -> P
             f"assign_tokens: placement is for world {placement.world_size}, topology for {W}"
         )
     counts = as_count_matrix(counts_WE, W, E)
+    quotas = expert_quotas(counts, placement, topology)
     plan: Plan = [[[] for _ in range(E)] for _ in range(W)]
     for e in range(E):
         col_W = [counts[s][e] for s in range(W)]
         if not any(col_W):
             continue
-        for s, h, n in sorted(_assign_expert(col_W, sorted(placement.holders[e]), topology)):
+        for s, h, n in sorted(_assign_expert(col_W, quotas[e], topology)):
             chunks = plan[s][e]
             if chunks and chunks[-1][0] == h:  # defensive: one chunk per (source, dest)
                 chunks[-1] = (h, chunks[-1][1] + n)

@@ -16,7 +16,9 @@ class ParallelConfig:
     # Ranks per node for the topology (0: LOCAL_WORLD_SIZE from torchrun).
     ranks_per_node: int = 0
     # -- fssdp (DESIGN.md §2) --
-    plan_mode: str = "predict"  # predict | exact | calibrate
+    # exact: plan with the true counts after routing (measured best, README "Performance");
+    # predict: plan ahead from the load estimate; calibrate: predict, then top up with true counts.
+    plan_mode: str = "exact"  # exact | predict | calibrate
     memory_cap: int = 2  # m: extra expert slots per rank, per bank
     overlap_degree: int = -1  # t: -1 = from the measured overlap time and bandwidth
     load_window: int = 5  # w: iterations in the sliding-window load estimate

@@ -49,10 +49,11 @@ class ExpertLayout:
     def views(self, rows_RS: Tensor) -> dict[str, Tensor]:
         """Stacked-weight views [R, *shape] of flat rows, as `ExpertBank.compute` expects."""
         R = rows_RS.shape[0]
-        return {
-            n: rows_RS[:, o : o + _prod(s)].view(R, *s)
-            for n, s, o in zip(self.names, self.shapes, self.offsets)
-        }
+        # One split, not a slice per parameter: its backward writes every parameter's gradient
+        # into one [R, S] buffer, where a slice's backward zero-fills a whole [R, S] tensor each
+        # (seen in a profile as ~10% of an FSSDP step on CPU).
+        parts = rows_RS.split([_prod(s) for s in self.shapes], dim=1)
+        return {n: p.view(R, *s) for n, s, p in zip(self.names, self.shapes, parts)}
 
     def flatten(self, stacked: dict[str, Tensor]) -> Tensor:
         """[E, S] rows from stacked weights name -> [E, *shape]."""

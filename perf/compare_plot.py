@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-SYSTEM_ORDER = ("fssdp", "fssdp_tuned", "ep", "deepspeed", "fsdp", "ddp")
+SYSTEM_ORDER = ("fssdp", "fssdp_predict", "ep", "deepspeed", "fsdp", "ddp")
 COLLECTIVES = ("a2a", "spag", "sprs", "dense")
 
 
@@ -19,7 +19,7 @@ def _get(report: dict[str, Any], model: str, world: int, system: str, routing: s
 
 
 def _systems(report: dict[str, Any], model: str, world: int) -> list[str]:
-    """The systems that ran in this panel (DeepSpeed and fssdp_tuned: GPT-MoE only)."""
+    """The systems that ran in this panel (DeepSpeed and fssdp_predict: GPT-MoE only)."""
     return [
         s
         for s in SYSTEM_ORDER

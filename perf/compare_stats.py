@@ -82,23 +82,23 @@ def ratios(results: dict[str, dict[str, Any]], model: str, world: int) -> dict[s
             f"fssdp_over_{other}": _div(mine, _tps(results, Case(model, world, other, routing)))
             for other in ("ep", "deepspeed", "fsdp", "ddp")
         }
-        tuned = _tps(results, Case(model, world, "fssdp_tuned", routing))
-        out[routing]["fssdp_tuned_over_ep"] = _div(
-            tuned, _tps(results, Case(model, world, "ep", routing))
+        pred = _tps(results, Case(model, world, "fssdp_predict", routing))
+        out[routing]["fssdp_predict_over_ep"] = _div(
+            pred, _tps(results, Case(model, world, "ep", routing))
         )
     fs = results.get(Case(model, world, "fssdp", "skewed").key)
     bal = results.get(Case(model, world, "ep", "balanced").key)
     out["fssdp_skewed_step_over_ep_balanced_step"] = _div(
         fs and fs["step_time_s"], bal and bal["step_time_s"]
     )
-    tu = results.get(Case(model, world, "fssdp_tuned", "skewed").key)
-    out["fssdp_tuned_skewed_step_over_ep_balanced_step"] = _div(
+    tu = results.get(Case(model, world, "fssdp_predict", "skewed").key)
+    out["fssdp_predict_skewed_step_over_ep_balanced_step"] = _div(
         tu and tu.get("step_time_s"), bal and bal["step_time_s"]
     )
     out["straggler_ratio"] = {
         routing: {
             sys_: (results.get(Case(model, world, sys_, routing).key) or {}).get("straggler_ratio")
-            for sys_ in ("fssdp", "fssdp_tuned", "ep", "fsdp", "ddp", "deepspeed")
+            for sys_ in ("fssdp", "fssdp_predict", "ep", "fsdp", "ddp", "deepspeed")
         }
         for routing in ("skewed", "natural")
     }

@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from collectives.placement import Placement, Topology
-from fssdp.assign import assign_tokens, holder_quotas, rows_per_rank, send_counts
+from fssdp.assign import (
+    LEVEL_GAIN,
+    assign_tokens,
+    expert_quotas,
+    holder_quotas,
+    rows_per_rank,
+    send_counts,
+)
 
 
 def random_case(rng: random.Random, W: int, E: int) -> tuple[list[list[int]], Placement]:
@@ -34,6 +41,7 @@ def received_per_holder(plan: list, e: int, W: int) -> list[int]:
 def check_invariants(counts: list[list[int]], p: Placement, plan: list, topo: Topology) -> None:
     W, E = topo.world_size, p.num_experts
     assert len(plan) == W and all(len(row) == E for row in plan)
+    quotas = expert_quotas(counts, p, topo)
     for e in range(E):
         for s in range(W):
             chunks = plan[s][e]
@@ -42,12 +50,17 @@ def check_invariants(counts: list[list[int]], p: Placement, plan: list, topo: To
             assert all(h in p.holders[e] for h, _ in chunks), "dests must hold the expert"
             assert [h for h, _ in chunks] == sorted({h for h, _ in chunks}), "sorted, one per dest"
             if s in p.holders[e]:  # a holder keeps its own rows up to its quota
-                hs = sorted(p.holders[e])
-                quota = holder_quotas([c[e] for c in counts], hs, topo)[hs.index(s)]
                 kept = sum(n for h, n in chunks if h == s)
-                assert kept == min(counts[s][e], quota)
-        got = [received_per_holder(plan, e, W)[h] for h in sorted(p.holders[e])]
-        assert max(got) - min(got) <= 1, f"expert {e}: uneven split {got}"
+                assert kept == min(counts[s][e], quotas[e][s])
+        got = received_per_holder(plan, e, W)
+        assert {h: got[h] for h in sorted(p.holders[e])} == quotas[e], f"expert {e}: {got}"
+    # Levelling never makes the busiest rank busier than the even split would.
+    even = [0] * W
+    for e in range(E):
+        hs = sorted(p.holders[e])
+        for h, q in zip(hs, holder_quotas([c[e] for c in counts], hs, topo)):
+            even[h] += q
+    assert max(rows_per_rank(counts, plan)) <= max(even)
 
 
 SHAPES = [(W, rpn) for W in (1, 2, 3, 4, 8) for rpn in (1, 2, 4) if W % rpn == 0]
@@ -134,7 +147,7 @@ def test_zero_rows_produce_no_chunks_and_tensor_input() -> None:
     counts_WE = torch.tensor([[0, 4, 0], [2, 0, 0]])
     plan = assign_tokens(counts_WE, p, topo)
     assert plan == [[[], [(0, 2), (1, 2)], []], [[(0, 2)], [], []]]
-    assert rows_per_rank(counts_WE, plan) == [4, 2]
+    assert rows_per_rank(counts_WE, plan) == [4, 2]  # one rank per node: nothing to level
     assert send_counts(plan, 0, 2) == [2, 2] and send_counts(plan, 1, 2) == [2, 0]
 
 
@@ -157,3 +170,48 @@ def test_bad_input_messages() -> None:
         assign_tokens([[-1], [0]], p, topo)
     with pytest.raises(ValueError, match="placement is for world 2, topology for 4"):
         assign_tokens([[1]] * 4, p, Topology(4, 2))
+
+
+def test_levelling_offsets_unreplicated_load() -> None:
+    # The profile's case at world 2: experts 0 and 1 on both ranks, rank 0 also owns 2..6.
+    topo = Topology(2, 2)
+    p = Placement.from_owners([0] * 8 + [1] * 8, 2).with_replicas({0: [1], 1: [1]})
+    load = [2046, 1636, 305, 52, 33, 19, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    counts = [[c // 2 for c in load], [c - c // 2 for c in load]]
+    rows = rows_per_rank(counts, assign_tokens(counts, p, topo))
+    even = [(2046 + 1636) // 2 + 305 + 52 + 33 + 19 + 5, (2046 + 1636) // 2]
+    assert rows == [sum(load) // 2, sum(load) - sum(load) // 2], (rows, even)
+    # Rank 0 keeps only part of its own rows of the replicated experts; the rest move to rank 1.
+    quotas = expert_quotas(counts, p, topo)
+    assert quotas[0][0] + quotas[1][0] == sum(load) // 2 - (305 + 52 + 33 + 19 + 5)
+
+
+def test_levelling_pours_into_the_least_loaded_holder_only() -> None:
+    # Expert 2 on ranks 0,1,2; base loads 10, 0, 30 from unreplicated experts 0, 1, 3.
+    topo = Topology(3, 3)
+    p = Placement.from_owners([0, 1, 0, 2], 3).with_replicas({2: [1, 2]})
+    counts = [[10, 0, 6, 30], [0, 0, 6, 0], [0, 0, 0, 0]]
+    assert expert_quotas(counts, p, topo)[2] == {0: 1, 1: 11, 2: 0}
+    assert rows_per_rank(counts, assign_tokens(counts, p, topo)) == [11, 11, 30]
+
+
+def test_small_gain_keeps_even_split_and_locality() -> None:
+    # Levelling would lower the max by 1 row of 100: under LEVEL_GAIN, the even split stands.
+    topo = Topology(2, 1)
+    p = Placement.from_owners([0, 0], 2).with_replicas({0: [1]})
+    counts = [[50, 1], [48, 0]]
+    assert 1 / 50 <= LEVEL_GAIN
+    assert expert_quotas(counts, p, topo)[0] == {0: 49, 1: 49}
+    assert rows_per_rank(counts, assign_tokens(counts, p, topo)) == [50, 49]
+
+
+def test_levelling_stays_inside_each_node() -> None:
+    # Two nodes of two; expert 0 on every rank, rank 0 also owns the busy expert 1.
+    topo = Topology(4, 2)
+    p = Placement.from_owners([0, 0], 4).with_replicas({0: [1, 2, 3]})
+    counts = [[10, 20], [10, 0], [10, 0], [10, 0]]
+    q = expert_quotas(counts, p, topo)[0]
+    assert q[0] + q[1] == 20 and q[2] + q[3] == 20, "nodes keep the even split's rows"
+    assert q == {0: 0, 1: 20, 2: 10, 3: 10}
+    plan = assign_tokens(counts, p, topo)
+    assert all(topo.node_of(h) == topo.node_of(s) for s in range(4) for h, _ in plan[s][0])

@@ -36,7 +36,14 @@ def fake_run(step_s: float, strag: float, steps: int = QUICK.steps) -> list[dict
     return recs
 
 
-STEP_S = {"fssdp": 1.0, "ep": 1.5, "fsdp": 2.0, "ddp": 1.25, "deepspeed": 3.0, "fssdp_tuned": 0.75}
+STEP_S = {
+    "fssdp": 1.0,
+    "ep": 1.5,
+    "fsdp": 2.0,
+    "ddp": 1.25,
+    "deepspeed": 3.0,
+    "fssdp_predict": 0.75,
+}
 
 
 def test_quick_cases_and_commands(tmp_path) -> None:  # noqa: ANN001
@@ -54,11 +61,11 @@ def test_quick_cases_and_commands(tmp_path) -> None:  # noqa: ANN001
         and "--nproc_per_node=2" in fs
         and "train.routing_trace=true" in fs
     )
-    assert sum(c.system == "fssdp_tuned" for c in cases(parse([])[0])) == 4  # full run
-    tuned = command(Case("gpt_moe_bench", 2, "fssdp_tuned", "skewed"), QUICK, tmp_path)
-    assert "parallel=fssdp" in tuned and "parallel.plan_mode=exact" in tuned
+    assert sum(c.system == "fssdp_predict" for c in cases(parse([])[0])) == 4  # full run
+    pred = command(Case("gpt_moe_bench", 2, "fssdp_predict", "skewed"), QUICK, tmp_path)
+    assert "parallel=fssdp" in pred and "parallel.plan_mode=predict" in pred
     moeut = cases(parse(["--models", "moeut_tiny"])[0])
-    assert all(c.system not in ("deepspeed", "fssdp_tuned") for c in moeut)
+    assert all(c.system not in ("deepspeed", "fssdp_predict") for c in moeut)
 
 
 def test_report_schema_and_ratios() -> None:
@@ -80,7 +87,7 @@ def test_report_schema_and_ratios() -> None:
     assert r["skewed"]["fssdp_over_deepspeed"] == pytest.approx(3.0)
     assert r["natural"]["fssdp_over_ddp"] is None  # the failed case
     assert r["fssdp_skewed_step_over_ep_balanced_step"] == pytest.approx(1.0 / 1.2)
-    assert r["skewed"]["fssdp_tuned_over_ep"] is None  # not in the quick run
+    assert r["skewed"]["fssdp_predict_over_ep"] is None  # not in the quick run
     t = report["targets"]["gpt_moe_bench"]
     assert t["fssdp_over_ep>=1.3"] == [pytest.approx(1.5), True]
     assert t["fssdp_straggler<=1.1"][1] is True

@@ -24,7 +24,10 @@ MODELS = {
 # case -> (model, strategy overrides)
 CASES: dict[str, tuple[str, list[str]]] = {
     # Cases that assert planning decisions pin the overlap degree (auto mode measures time).
-    "fssdp_predict": ("natural", ["parallel=fssdp", "parallel.overlap_degree=2"]),
+    "fssdp_predict": (
+        "natural",
+        ["parallel=fssdp", "parallel.plan_mode=predict", "parallel.overlap_degree=2"],
+    ),
     "fssdp_rematerialize": ("skewed", ["parallel=fssdp", "parallel.rematerialize=true"]),
     "fssdp_exact": ("two_hot", ["parallel=fssdp", "parallel.plan_mode=exact"]),
     "fssdp_calibrate": ("skewed", ["parallel=fssdp", "parallel.plan_mode=calibrate"]),
@@ -32,6 +35,7 @@ CASES: dict[str, tuple[str, list[str]]] = {
         "skewed",
         [
             "parallel=fssdp",
+            "parallel.plan_mode=predict",
             "parallel.overlap_degree=6",
             "parallel.memory_cap=1",
             "parallel.ranks_per_node=2",
@@ -40,7 +44,12 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "fssdp_all_to_one": ("all_to_one", ["parallel=fssdp", "parallel.rematerialize=true"]),
     "fssdp_reshard": (
         "skewed",
-        ["parallel=fssdp", "parallel.reshard_every=2", "parallel.overlap_degree=2"],
+        [
+            "parallel=fssdp",
+            "parallel.plan_mode=predict",
+            "parallel.reshard_every=2",
+            "parallel.overlap_degree=2",
+        ],
     ),
     "ep_skewed": ("skewed", ["parallel=ep"]),
     "ep_two_hot": ("two_hot", ["parallel=ep"]),

@@ -65,10 +65,13 @@ class ExpertBank(nn.Module):
         if fast is not None:
             y_sorted_NO = fast
         else:
+            # unbind, not w[e] per expert: one backward stacks all experts' gradients, where
+            # each select's backward would zero-fill a full [E, ...] tensor.
+            per_expert = {k: v.unbind(0) for k, v in w.items()}
             outs = []
             for e, x_nD in enumerate(x_sorted_ND.split(counts)):
                 if x_nD.shape[0] > 0:
-                    outs.append(self.expert_forward({k: v[e] for k, v in w.items()}, x_nD))
+                    outs.append(self.expert_forward({k: v[e] for k, v in per_expert.items()}, x_nD))
             y_sorted_NO = torch.cat(outs, dim=0)
         inverse_N = torch.empty_like(order_N)
         inverse_N[order_N] = torch.arange(N, device=order_N.device)
