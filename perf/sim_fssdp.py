@@ -39,7 +39,7 @@ class FSSDPSim:
         c: Cluster,
         memory_cap: int = 2,
         window: int = 5,
-        mode: str = "predict",
+        mode: str = "exact",  # the runtime's default parallel.plan_mode
         lookahead: bool = False,
     ) -> None:
         self.w, self.c, self.m, self.mode, self.lookahead = w, c, memory_cap, mode, lookahead

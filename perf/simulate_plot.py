@@ -42,21 +42,28 @@ def _validation(ax: Any, val: dict[str, Any]) -> None:
 
 def _hecate(ax: Any, hec: dict[str, Any], paper: tuple[float, float]) -> None:
     keys = sorted(hec)
-    systems = ("fssdp", "fssdp_lookahead", "fastermoe")
+    systems = ("fssdp", "fssdp_predict", "fssdp_calibrate", "fastermoe")
     width = 0.8 / len(systems)
     for i, sys_ in enumerate(systems):
-        vals = [hec[k]["speedup_over_ep"][sys_] for k in keys]
-        ax.bar([j + (i - 1) * width for j in range(len(keys))], vals, width, label=sys_)
+        vals = [hec[k]["speedup_over_ep"].get(sys_, 0.0) for k in keys]
+        xs = [j + (i - (len(systems) - 1) / 2) * width for j in range(len(keys))]
+        ax.bar(xs, vals, width, label=sys_)
     ax.axhspan(paper[0], paper[1], color="grey", alpha=0.2, label="paper: Hecate over EP")
     ax.axhline(1.0, c="k", lw=0.8)
-    ax.set_xticks(range(len(keys)), [k.replace("/", "\n") for k in keys], fontsize=5)
+    ax.set_xticks(range(len(keys)), [_short(k) for k in keys], fontsize=6, rotation=90)
     ax.set_ylabel("predicted speedup over EP")
     ax.set_title("Hecate's setting (64 experts, top-2)")
     ax.legend(fontsize=7)
 
 
+def _short(key: str) -> str:
+    """'skewed/a100/gpt_moe_s/w16' -> 'skewed A100 S 16'."""
+    routing, kind, model, world = key.split("/")
+    return f"{routing} {kind.upper()} {model[-1].upper()} {world[1:]}"
+
+
 def _scaling(ax: Any, scaling: dict[str, Any]) -> None:
-    for key in ("skewed/a100/gpt_moe_s", "natural/a100/gpt_moe_s"):
+    for key in ("skewed/a100/gpt_moe_s",):
         rows = scaling.get(key) or {}
         worlds = sorted(int(w) for w in rows)
         if not worlds:
@@ -75,5 +82,5 @@ def _scaling(ax: Any, scaling: dict[str, Any]) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("GPUs (8 per A100 node)")
     ax.set_ylabel("predicted step (s), GPT-MoE-S")
-    ax.set_title("scaling (weak: 8×1024 tokens per GPU)")
-    ax.legend(fontsize=5, ncol=2)
+    ax.set_title("scaling, skewed trace (weak: 8×1024 tokens per GPU)")
+    ax.legend(fontsize=6, ncol=2)

@@ -65,7 +65,7 @@ def test_ep_hot_expert_owner_is_the_straggler() -> None:
 def test_fssdp_replicas_balance_rows_and_cost_transfers() -> None:
     w, c = workload(), cluster(intra_bw=1e15)  # fast links: the overlap degree allows t >= m
     skewed = [w.rows_per_rank * 2, w.rows_per_rank * 2] + [0] * 6
-    sim = FSSDPSim(w, c, memory_cap=2)
+    sim = FSSDPSim(w, c, memory_cap=2, mode="predict")
     first = sim.layer("b", skewed)  # step 1: nothing planned yet, owners only
     second = sim.layer("b", skewed)  # planned from step 1's load
     assert first.rows_max == 4 * w.rows_per_rank  # rank 0 owns experts 0 and 1
@@ -73,9 +73,13 @@ def test_fssdp_replicas_balance_rows_and_cost_transfers() -> None:
     assert second.bytes["spag"] == 6 * w.expert_params * w.param_bytes
     ep = EPSim(w, c).layer("b", skewed)
     assert second.expert_s < ep.expert_s
-    slow = FSSDPSim(w, cluster(intra_bw=1e3), memory_cap=2)  # no copy fits the overlap window
+    slow = FSSDPSim(w, cluster(intra_bw=1e3), memory_cap=2, mode="predict")  # no copy fits
     slow.layer("b", skewed)
     assert slow.layer("b", skewed).rows_max == 4 * w.rows_per_rank
+    # exact (the runtime's default) plans with this step's counts: balanced from step 1.
+    exact = FSSDPSim(w, c, memory_cap=2).layer("b", skewed)
+    assert exact.rows_max == w.rows_per_rank
+    assert exact.bytes["spag"] == second.bytes["spag"]
 
 
 def test_simulate_trace_and_summary() -> None:
