@@ -69,6 +69,7 @@ class StepStats:
     overlap_s: float = 0.0  # dense work the spAG hid behind (issue → first call)
     transfer_s: float = 0.0  # issue → completion of the wait
     spag_bytes_recv: int = 0
+    placement: Placement | None = None  # P1 this step ran with (None: the bank was not used)
 
 
 class _Tie(torch.autograd.Function):
@@ -282,6 +283,7 @@ class BankRuntime:
 
     def end_step(self) -> StepStats:
         stats = self.stats
+        stats.placement = self.placement
         self._reset()
         return stats
 

@@ -100,7 +100,7 @@ def build_figures(records: list[Record], step: int | None) -> list[tuple[str, An
             rf.bank_heatmap(
                 records,
                 "replicas",
-                "replicas per expert (holders besides the owner) of the next step's placement",
+                "replicas per expert (holders besides the owner) of the placement each step used",
                 "replicas",
                 per_mean=False,
             ),

@@ -296,7 +296,7 @@ class Trainer:
             "straggler_ratio": (max(rank_expert) / mean_expert) if mean_expert > 0 else None,
             "expert_load_imbalance": expert_load_imbalance(out["load"]),
             "comm_bytes": self.par.comm_bytes(),
-            "replicas": self.par.placements(),  # replicas per expert per bank (next step's plan)
+            "replicas": self.par.placements(),  # replicas per expert per bank in this step
             "model_state_bytes": all_gather_floats(float(self.par.state_bytes(self.opt)), dev),
             "peak_rss_bytes": [int(v) for v in all_gather_floats(float(peak_rss_bytes()), dev)],
             "expert_load": {b: [int(v) for v in c.tolist()] for b, c in out["load"].items()},

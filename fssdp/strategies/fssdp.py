@@ -257,8 +257,15 @@ class FSSDPParallel(Parallelized):
         return sum(st.rows_computed for st in self._last.get("stats", {}).values())
 
     def placements(self) -> dict[str, list[int]] | None:
-        """Replicas per expert of each bank's next placement (logged)."""
-        return {n: rt.next_placement.num_replicas() for n, rt in self.runtimes.items()}
+        """Replicas per expert of the placement each bank ran with in the finished step (logged;
+        in exact mode it is planned inside the step, so the next step's plan would not show it)."""
+        stats = self._last.get("stats", {})
+        out = {}
+        for name, rt in self.runtimes.items():
+            st = stats.get(name)
+            used = st.placement if st is not None and st.placement is not None else None
+            out[name] = (used or rt.shard.ownership).num_replicas()
+        return out
 
     def state_bytes(self, opt: torch.optim.Optimizer) -> int:
         return super().state_bytes(opt) + self.store.state_bytes()
