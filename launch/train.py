@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from launch import checkpoint as ckpt
 from launch.checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint
-from launch.errors import UserError, fail
+from launch.errors import EXIT_USER_ERROR, UserError, fail
 
 
 def compose_config(overrides: list[str]) -> tuple[DictConfig, str]:
@@ -293,7 +293,13 @@ def main(argv: list[str] | None = None) -> None:
         line = distributed_failure(e)
         if line is None:
             raise
-        fail(line)
+        # A peer stopped answering: tearing down the process groups (or the interpreter, whose
+        # destructors join gloo's in-flight work) can block on it or abort (seen: a hang, and
+        # "terminate called without an active exception"). Say the one line and leave now;
+        # checkpoints are already complete (written to a temporary name, then renamed).
+        print(f"fssdp: error: {line}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_USER_ERROR)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -307,20 +307,22 @@ class Trainer:
 
     def fit(self) -> list[dict[str, Any]]:
         cfg = self.cfg
-        while self.step < cfg.steps:
-            out = self.train_step()
-            last = self.step == cfg.steps
-            record = self._record(out) if self.will_log(self.step) else None
-            if (cfg.val_every and self.step % cfg.val_every == 0) or last:
-                val = self.validate()
-                record = record or self._record(out)
-                record["val_loss"] = val
-                if self.bits_per_byte:
-                    record["val_bpb"] = val / math.log(2)
-            if record is not None:
-                self.history.append(record)
-                self.metrics.log(record)
-            if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last:
-                self.save()
-        self.metrics.close()
+        try:  # tensorboard's buffered events reach the disk even when a step fails
+            while self.step < cfg.steps:
+                out = self.train_step()
+                last = self.step == cfg.steps
+                record = self._record(out) if self.will_log(self.step) else None
+                if (cfg.val_every and self.step % cfg.val_every == 0) or last:
+                    val = self.validate()
+                    record = record or self._record(out)
+                    record["val_loss"] = val
+                    if self.bits_per_byte:
+                        record["val_bpb"] = val / math.log(2)
+                if record is not None:
+                    self.history.append(record)
+                    self.metrics.log(record)
+                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last:
+                    self.save()
+        finally:
+            self.metrics.close()
         return self.history
