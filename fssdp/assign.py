@@ -116,11 +116,10 @@ def _fill(
     return moves
 
 
-def _level(loads: list[int], total: int) -> tuple[list[int], list[int]]:
-    """Water-fill `total` rows over holders with `loads`: (quotas, holders tied at the level).
-
-    Quotas lift the least-loaded holders to a common integer level; the returned tie list names
-    the holders at that level, to which the caller hands the leftover rows one each.
+def _level(loads: list[int], total: int) -> tuple[list[int], int, list[int]]:
+    """Water-fill `total` rows over holders with `loads`: (quotas, leftover rows, holders at
+    the level). Quotas lift the least-loaded holders to a common integer level; the caller hands
+    the leftover rows, one each, to holders at that level.
     """
     n = len(loads)
     order = sorted(range(n), key=lambda i: (loads[i], i))
@@ -132,7 +131,7 @@ def _level(loads: list[int], total: int) -> tuple[list[int], list[int]]:
     quota = [0] * n
     for i in order[:k]:
         quota[i] = level - loads[i]
-    return quota, [rem, *order[:k]]
+    return quota, rem, order[:k]
 
 
 def _leftover_order(col_W: Sequence[int], holders: Sequence[int], quota: list[int]) -> list[int]:
@@ -156,12 +155,14 @@ def expert_quotas(
             level[e] = {holders[e][0]: sum(cols[e])}
             load[holders[e][0]] += sum(cols[e])
     multi = [e for e in range(E) if len(holders[e]) > 1 and any(cols[e])]
+    if not multi:  # every loaded expert has one holder (EP): both rules agree
+        return even
     for e in sorted(multi, key=lambda e: (len(holders[e]), -sum(cols[e]), e)):
         for node in range(topology.num_nodes):  # a node computes what the even split gives it
             hs = [h for h in holders[e] if topology.node_of(h) == node]
             if not hs:
                 continue
-            quota, (rem, *tied) = _level([load[h] for h in hs], sum(even[e][h] for h in hs))
+            quota, rem, tied = _level([load[h] for h in hs], sum(even[e][h] for h in hs))
             for i in [i for i in _leftover_order(cols[e], hs, quota) if i in tied][:rem]:
                 quota[i] += 1
             for h, q in zip(hs, quota):

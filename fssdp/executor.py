@@ -111,7 +111,8 @@ class BankRuntime:
         self.world = topology.world_size
         self.sparse_group = sparse_group
         self.dispatch_group = dispatch_group
-        # The placement the planner chose for the next step (predict/calibrate modes).
+        # The placement the planner chose for the next step (predict/calibrate modes only:
+        # exact mode plans inside the step).
         self.next_placement: Placement = shard.ownership
         # Expert compute seconds per row (calibrate mode), agreed over ranks by the strategy:
         # a rank deciding from its own clock could plan differently and hang the others.
@@ -169,12 +170,12 @@ class BankRuntime:
         with self.phases.phase("spag"):
             self.pending = self._gather(self.placement)
 
-    def _materialize(self, counts_WE: Tensor) -> Tensor:
+    def _materialize(self, counts_WE: list[list[int]]) -> Tensor:
         """The held experts of this step as a leaf tensor (gathering them if needed)."""
         with self.phases.phase("spag"):
             return self._materialize_untimed(counts_WE)
 
-    def _materialize_untimed(self, counts_WE: Tensor) -> Tensor:
+    def _materialize_untimed(self, counts_WE: list[list[int]]) -> Tensor:
         if self.held is not None:
             if self.freed:
                 self._refill()
@@ -198,19 +199,19 @@ class BankRuntime:
         self.held = held
         return held
 
-    def _plan_now(self, counts_WE: Tensor) -> Placement:
-        if self.opts.plan_mode == "exact" and self.opts.memory_cap > 0:
-            return plan_exact(
-                counts_WE.tolist(), self.shard.ownership, self.topology, self.opts.memory_cap
-            )
-        return self.next_placement
+    def _plan_now(self, counts_WE: list[list[int]]) -> Placement:
+        if self.opts.plan_mode != "exact":  # predict/calibrate without a layer pre-hook
+            return self.next_placement
+        if self.opts.memory_cap <= 0:
+            return self.shard.ownership
+        return plan_exact(counts_WE, self.shard.ownership, self.topology, self.opts.memory_cap)
 
-    def _calibrate(self, raw_HS: Tensor, counts_WE: Tensor) -> Tensor:
+    def _calibrate(self, raw_HS: Tensor, counts_WE: list[list[int]]) -> Tensor:
         """Re-plan with the true counts; gather the extra replicas when that pays."""
         assert self.placement is not None
         better = calibrate(
             self.placement,
-            counts_WE.tolist(),
+            counts_WE,
             self.topology,
             self.opts.memory_cap,
             self.shard.layout.row_bytes(),
@@ -298,17 +299,18 @@ class BankRuntime:
                 phase=f"counts {self.name}",
                 timeout_s=self.opts.timeout_s,
             ).cpu()
+        counts = counts_WE.tolist()  # once: the planner and the assignment work on lists
         if not torch.is_grad_enabled():  # evaluation: owners compute, nothing is kept
             placement = self.shard.ownership
             held = self.shard.rows_OS
         else:
-            held = self._materialize(counts_WE)
+            held = self._materialize(counts)
             placement = self.placement
         assert placement is not None
         total = counts_WE.sum(0)
         self.stats.counts_E = total if self.stats.counts_E is None else self.stats.counts_E + total
         with self.phases.phase("dispatch"):
-            plan = assign_tokens(counts_WE.tolist(), placement, self.topology)
+            plan = assign_tokens(counts, placement, self.topology)
         y_ND = self._dispatch_compute_combine(bank, x_ND, expert_N, plan, placement, held)
         if torch.is_grad_enabled() and self.opts.rematerialize:
             self._free()

@@ -110,7 +110,8 @@ def _top(load_E: list[float], t: int) -> list[int]:
 # per-copy share. The slot lands on the rank that (1) has a free slot and lacks the expert,
 # (2) sits in the node holding the fewest copies of it (nodes that lack it first, so tokens stay
 # in their node), (3) has the least planned load, Σ over experts it holds of load_e / |holders_e|
-# (the even split assign_tokens will make), (4) has the most free slots, (5) lowest id. An expert
+# (the even split; assign_tokens may level further, never worse), (4) has the most free slots,
+# (5) lowest id. An expert
 # that no rank can take (all hold it, or every rank with room has it) leaves the deal; slots
 # nobody can use stay unused.
 
@@ -190,8 +191,9 @@ def plan_placement(
 # -- exact placement (after routing) ---------------------------------------------------------
 
 # [Note: exact mode]
-# Rows per rank under assign_tokens depend only on each expert's holder quotas (holder_quotas),
-# so adding a replica of e changes the rows of e's holders alone and is cheap to evaluate.
+# Rows per rank are modelled by the even split (holder_quotas), under which adding a replica of
+# e changes the rows of e's holders alone and is cheap to evaluate; assign_tokens may then level
+# the rows further ([Note: levelling quotas] in fssdp/assign.py), which never raises the max.
 # Two greedies, combined:
 # - seed (D'Hondt + LPT): deal k extra copies to experts by the largest true load per copy
 #   (as in [Note: proportional slots, nodes first]), then place the copies largest share first on

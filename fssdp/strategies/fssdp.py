@@ -68,6 +68,8 @@ class FSSDPParallel(Parallelized):
         self._phases: PhaseTimer = NULL_TIMER
         # Sparse-transfer bandwidth (bytes/s), measured once and agreed over ranks.
         self.bandwidth = self._measure_bandwidth()
+        for rt in self.runtimes.values():
+            rt.bandwidth = self.bandwidth
         self.steps_done = 0
 
     # -- set-up ------------------------------------------------------------------------------
@@ -135,28 +137,30 @@ class FSSDPParallel(Parallelized):
         for name, st in stats.items():
             if st.counts_E is not None:
                 self.estimators[name].update(st.counts_E.tolist())
-        bandwidth, overlap = self._agree_timing(stats)
+        # Timings feed predict/calibrate planning and re-sharding's set-aside degree only;
+        # exact mode measures no overlap (nothing is prefetched) and EP plans nothing.
+        planning = self.replicate and self.cfg.plan_mode != "exact"
+        overlap = self._agree_timing(stats) if planning else 0.0
         if (
             self.replicate
             and self.cfg.reshard_every
             and (self.steps_done % self.cfg.reshard_every == 0)
         ):
-            self._reshard(overlap, bandwidth)
-        if self.replicate:
+            self._reshard(overlap, self.bandwidth)
+        if planning:  # exact mode plans inside the step
             for name, rt in self.runtimes.items():
-                rt.bandwidth = bandwidth
                 rt.next_placement = plan_placement(
                     self.estimators[name].estimate(),
                     rt.shard.ownership,
                     self.topology,
-                    self._degree(rt, overlap, bandwidth),
+                    self._degree(rt, overlap, self.bandwidth),
                     self.cfg.memory_cap,
                 )
 
-    def _agree_timing(self, stats: dict[str, Any]) -> tuple[float, float]:
-        """Overlap time and per-bank compute time per row, the same on every rank: the
-        planner runs on every rank and must reach the same placement (max over ranks: plan
-        for the slowest)."""
+    def _agree_timing(self, stats: dict[str, Any]) -> float:
+        """Overlap time (returned) and per-bank compute time per row (set on the runtimes),
+        the same on every rank: the planner runs on every rank and must reach the same
+        placement (max over ranks: plan for the slowest)."""
         overlap = [st.overlap_s for st in stats.values() if st.overlap_s > 0]
         per_row = [
             st.expert_time_s / st.rows_computed if st.rows_computed else 0.0
@@ -173,7 +177,7 @@ class FSSDPParallel(Parallelized):
         for rt, row_s in zip(self.runtimes.values(), t[1:].tolist()):
             if row_s > 0:
                 rt.time_per_row_s = row_s
-        return self.bandwidth, t[0].item()
+        return t[0].item()
 
     def _measure_bandwidth(self) -> float:
         """Bytes/s of a synchronous sparse all-gather (each expert of the largest bank to the
