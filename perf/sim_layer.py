@@ -56,15 +56,6 @@ def owner_plan(src_WE: list[list[int]], owner: list[int]) -> list[list[list[tupl
     return [[[(owner[e], n)] if n else [] for e, n in enumerate(row)] for row in src_WE]
 
 
-def plan_rows(plan: list[list[list[tuple[int, int]]]], W: int) -> list[int]:
-    rows = [0] * W
-    for per_e in plan:
-        for chunks in per_e:
-            for h, n in chunks:
-                rows[h] += n
-    return rows
-
-
 def layer_cost(w: Workload, c: Cluster, rows: list[int], a2a: tuple[float, float]) -> LayerCost:
     fwd = attn_fwd_s(w, c)
     return LayerCost(

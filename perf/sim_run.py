@@ -53,15 +53,18 @@ def _group_sync_s(w: Workload, c: Cluster, groups: int) -> float:
     return 2 * (groups - 1) / groups * owned * c.per_node / c.inter_bw
 
 
-_GROUP_CACHE: dict[tuple, list[list[LayerCost]]] = {}
+# key -> (the trace it was computed from, the costs); the trace is kept and compared by
+# identity, so a later trace that reuses a freed one's id() cannot hit a stale entry.
+_GROUP_CACHE: dict[tuple, tuple[RoutingTrace, list[list[LayerCost]]]] = {}
 
 
 def _layer_costs(name: str, trace: RoutingTrace, w: Workload, c: Cluster, **kw: Any) -> list:
     """Per step, per layer: the system's cost on cluster `c` (cached: with W > E every world
     simulates the same group of E ranks)."""
     key = (name, id(trace), w, c, tuple(sorted(kw.items())))
-    if key in _GROUP_CACHE:
-        return _GROUP_CACHE[key]
+    hit = _GROUP_CACHE.get(key)
+    if hit is not None and hit[0] is trace:
+        return hit[1]
     system: Any = make(name, w, c, **kw)
     total_rows = c.world * w.rows_per_rank
     out = []
@@ -71,7 +74,7 @@ def _layer_costs(name: str, trace: RoutingTrace, w: Workload, c: Cluster, **kw: 
         out.append(
             [system.layer(f"layer{i}", scale_rows(x, total_rows)) for i, x in enumerate(step)]
         )
-    _GROUP_CACHE[key] = out
+    _GROUP_CACHE[key] = (trace, out)
     return out
 
 

@@ -24,6 +24,7 @@ FSSDP is simulated with the project's own planner and dispatcher (perf/sim_fssdp
 
 from __future__ import annotations
 
+from fssdp.assign import rows_per_rank
 from fssdp.sharding import contiguous_sharding
 from perf.cost_model import (
     Cluster,
@@ -36,7 +37,7 @@ from perf.cost_model import (
     transfer_s,
 )
 from perf.sim_fssdp import FSSDPSim
-from perf.sim_layer import LayerCost, a2a_cost, layer_cost, owner_plan, plan_rows, zeros
+from perf.sim_layer import LayerCost, a2a_cost, layer_cost, owner_plan, zeros
 
 SYSTEMS = ("ep", "fssdp", "fsdp", "ddp", "fastermoe")
 
@@ -54,7 +55,7 @@ class EPSim:
         src = even_sources(rows_E, self.c.world)
         plan = owner_plan(src, self.owner)
         return layer_cost(
-            self.w, self.c, plan_rows(plan, self.c.world), a2a_cost(src, plan, self.w, self.c)
+            self.w, self.c, rows_per_rank(src, plan), a2a_cost(src, plan, self.w, self.c)
         )
 
 
@@ -115,7 +116,7 @@ class FasterMoESim:
             [[(s if e in shadow else self.owner[e], n)] if n else [] for e, n in enumerate(row)]
             for s, row in enumerate(src)
         ]
-        cost = layer_cost(w, c, plan_rows(plan, c.world), a2a_cost(src, plan, w, c))
+        cost = layer_cost(w, c, rows_per_rank(src, plan), a2a_cost(src, plan, w, c))
         if shadow:
             bcast, red = zeros(c.world), zeros(c.world)
             for e in shadow:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_e2e_train import ENV, read_metrics
+from tests.test_e2e_train import ENV, python_train, read_metrics
 
 SMALL = [
     "model=gpt_moe_tiny",
@@ -80,8 +80,7 @@ def drive() -> None:
 
 
 def _train(args: list[str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "launch.train", *SMALL, *args]
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=180)
+    return python_train([*SMALL, *args], timeout=180)
 
 
 def _hashes(root: Path) -> dict[str, str]:

@@ -56,9 +56,9 @@ def torchrun(nproc: int, args: list[str], timeout: int = 240) -> subprocess.Comp
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-def python_train(args: list[str]) -> subprocess.CompletedProcess:
+def python_train(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "launch.train", *args]
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def read_metrics(run: Path) -> list[dict]:

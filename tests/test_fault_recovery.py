@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tests.harness import free_port
 from tests.parity import BASE, train_capture
-from tests.test_e2e_train import ENV
+from tests.test_e2e_train import ENV, read_metrics
 from tests.test_multinode import stop
 
 STEPS = 10
@@ -96,7 +96,7 @@ def test_sigkill_of_a_worker_restarts_resumes_and_finishes(tmp_path: Path) -> No
     assert killed_after < STEPS, "the job finished before the kill: nothing was tested"
     resumed = [int(s) for s in re.findall(r"resumed from step (\d+)", out)]
     assert len(resumed) == 1 and 2 <= resumed[0] <= killed_after, (resumed, killed_after)
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for r in rows:  # before the checkpoint: the first attempt; after: the restarted group
         want = ref[r["step"] - 1]

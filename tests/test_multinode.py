@@ -6,14 +6,13 @@ losses must be the single-process reference's (world-size invariance holds acros
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 from tests.harness import free_port
 from tests.parity import BASE, train_capture
-from tests.test_e2e_train import ENV
+from tests.test_e2e_train import ENV, read_metrics
 
 STEPS = 3
 ARGS = [
@@ -78,7 +77,7 @@ def test_two_agents_form_two_nodes_and_match_the_reference(tmp_path: Path) -> No
     assert codes == [0, 0], "\n".join(p.read_text()[-3000:] for p in logs)
     out = "".join(p.read_text() for p in logs)
     assert "topology: 2 nodes x 2 ranks per node (world 4; planner and dispatcher)" in out, out
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for r, want in zip(rows, ref):
         assert len(r["rank_step_time_s"]) == 4
@@ -118,5 +117,5 @@ def test_slurm_script_launches_a_job(tmp_path: Path) -> None:
     )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert "topology: 1 nodes x 2 ranks per node" in p.stdout
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2]
