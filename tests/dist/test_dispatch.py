@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from collectives import all_gather_counts, all_to_all_rows, exchange_counts
-from tests.harness import run_distributed
+from tests.support.harness import run_distributed
 
 
 def make_batch(

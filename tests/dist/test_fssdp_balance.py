@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from launch.dist import all_gather_floats
-from tests.harness import run_distributed
-from tests.parity import train_capture
+from tests.support.harness import run_distributed
+from tests.support.parity import train_capture
 
 SKEWED = ["model.route_skew=0.5", "train.dtype=float32", "parallel.overlap_degree=2"]
 STEPS = 3

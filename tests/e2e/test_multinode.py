@@ -10,9 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.harness import free_port
-from tests.parity import BASE, train_capture
-from tests.test_e2e_train import ENV, read_metrics
+from tests.support.harness import free_port
+from tests.support.launch import ENV, read_metrics, stop
+from tests.support.parity import BASE, train_capture
 
 STEPS = 3
 ARGS = [
@@ -28,15 +28,6 @@ ARGS = [
 ]
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """End a torchrun agent left running by a failure: SIGTERM lets it stop its workers."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _agent(port: int, run: Path, log: Path) -> subprocess.Popen:

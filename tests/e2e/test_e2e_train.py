@@ -1,17 +1,13 @@
-"""End to end under torchrun: the run directory and resume (bad input: tests/test_bad_input.py)."""
+"""End to end under torchrun: the run directory and resume (bad input: e2e/test_bad_input.py)."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.harness import free_port
+from tests.support.launch import read_metrics, torchrun
 
 SMALL = [
     "train.steps=6",
@@ -21,7 +17,6 @@ SMALL = [
     "train.ckpt_every=3",
     "train.keep_last=0",
 ]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 REQUIRED_KEYS = {
     "step",
     "loss",
@@ -38,31 +33,10 @@ REQUIRED_KEYS = {
 }
 
 
-def torchrun(nproc: int, args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--rdzv-backend",
-        "c10d",
-        "--rdzv-endpoint",
-        f"127.0.0.1:{free_port()}",
-        "-m",
-        "launch.train",
-        *args,
-    ]
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-def python_train(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "launch.train", *args]
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -105,4 +79,4 @@ def test_resume_continues_the_same_trajectory(run_dir: Path, tmp_path: Path) -> 
     assert (resumed / "metrics.rolled_back.jsonl").exists()
 
 
-# Bad input (one line, exit code 2, nothing saved touched): tests/test_bad_input.py.
+# Bad input (one line, exit code 2, nothing saved touched): tests/e2e/test_bad_input.py.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.harness import run_distributed
-from tests.parity import assert_matches, train_capture
+from tests.support.harness import run_distributed
+from tests.support.parity import assert_matches, train_capture
 
 STEPS = 4
 CASES = {

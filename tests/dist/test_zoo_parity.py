@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from tests.harness import run_distributed
-from tests.parity import assert_matches, train_capture
+from tests.support.harness import run_distributed
+from tests.support.parity import assert_matches, train_capture
 
 STEPS = 3
 FAMILIES = {

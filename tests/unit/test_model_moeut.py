@@ -1,5 +1,5 @@
 """MoEUT: parameter counts, causality, cached decoding, layer reuse (R bank calls), the entropy
-regulariser over all repeats, world-size invariance of the loss and gradients, learning."""
+regulariser over all repeats, learning (world-size invariance: tests/dist)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,13 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from models.common.context import BatchReducer, MoEContext
 from models.common.experts import ExpertBank
 from models.registry import build_model, preset
-from tests.harness import run_distributed
-from tests.simulated_ranks import global_loss as _loss
+from tests.support.causality import assert_causal
+from tests.support.simulated_ranks import global_loss as _loss
 
 
 @pytest.fixture(autouse=True)
@@ -60,13 +59,7 @@ def test_published_param_counts(size: str, target: float) -> None:
 
 def test_causality() -> None:
     model = tiny()
-    x = tokens(2, 10)
-    y = x.clone()
-    y[:, 6] = (y[:, 6] + 1) % 256
-    with torch.no_grad():
-        lx, ly = model(x), model(y)
-    torch.testing.assert_close(lx[:, :6], ly[:, :6], rtol=1e-12, atol=1e-12)
-    assert (lx[:, 6:] - ly[:, 6:]).abs().amax(-1).min() > 1e-6  # the change does propagate
+    assert_causal(model, tokens(2, 10), 6)
 
 
 @pytest.mark.parametrize("att_experts", [4, 1])
@@ -145,30 +138,10 @@ def _recorder(fn: Callable[..., Any], seen: dict, key: tuple) -> Callable[..., A
     return wrapped
 
 
-def _grads(model: nn.Module) -> dict[str, Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _ws_worker(rank: int, world: int) -> tuple[Tensor, dict[str, Tensor]]:
-    model = tiny(route_skew=0.5)
-    x = tokens(4, 9, seed=3).chunk(world)[rank]
-    reducer = BatchReducer(world, lambda t: (dist.all_reduce(t), t)[1])
-    loss = _loss(model, x, reducer)
-    loss.backward()
-    return loss.detach(), _grads(model)
 
 
-def test_world_size_invariance() -> None:
-    model = tiny(route_skew=0.5)
-    loss = _loss(model, tokens(4, 9, seed=3), BatchReducer())
-    loss.backward()
-    ref = _grads(model)
-    (l0, g0), (l1, g1) = run_distributed(_ws_worker, 2)
-    torch.testing.assert_close(l0, loss.detach(), rtol=1e-9, atol=0)
-    torch.testing.assert_close(l1, loss.detach(), rtol=1e-9, atol=0)
-    assert g0.keys() == ref.keys() == g1.keys()
-    for name, g in ref.items():
-        assert rel_err((g0[name] + g1[name]) / 2, g) <= 1e-9, name
 
 
 def test_learns_repeating_sequence() -> None:

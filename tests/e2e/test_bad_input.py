@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_e2e_train import ENV, python_train, read_metrics
+from tests.support.launch import ENV, python_train, read_metrics
 
 SMALL = [
     "model=gpt_moe_tiny",
@@ -110,7 +110,7 @@ def existing(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_early_failures_are_one_line_exit_2_and_touch_nothing(existing: Path) -> None:
     before = _hashes(existing)
     cases = [([*SMALL, *args, f"hydra.run.dir={existing}"], env) for args, env, _ in EARLY]
-    cmd = [sys.executable, "-c", "from tests.test_bad_input import drive; drive()"]
+    cmd = [sys.executable, "-c", "from tests.e2e.test_bad_input import drive; drive()"]
     p = subprocess.run(
         cmd, input=json.dumps(cases), env=ENV, capture_output=True, text=True, timeout=180
     )

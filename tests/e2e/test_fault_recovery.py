@@ -15,10 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from tests.harness import free_port
-from tests.parity import BASE, train_capture
-from tests.test_e2e_train import ENV, read_metrics
-from tests.test_multinode import stop
+from tests.support.harness import free_port
+from tests.support.launch import ENV, read_metrics, stop
+from tests.support.parity import BASE, train_capture
 
 STEPS = 10
 ARGS = [

@@ -15,7 +15,8 @@ from models.common.context import BatchReducer, MoEContext
 from models.common.experts import ExpertBank
 from models.registry import build_model, preset
 from models.umoe import UMoE, UMoEConfig
-from tests.simulated_ranks import global_loss, grads, lm_loss, two_rank_loss_and_grads
+from tests.support.causality import assert_causal
+from tests.support.simulated_ranks import global_loss, grads, lm_loss, two_rank_loss_and_grads
 
 
 def _tiny(**overrides: object) -> UMoE:
@@ -47,13 +48,7 @@ def test_parameter_counts() -> None:
 def test_causality() -> None:
     model = _tiny()
     tokens = torch.randint(0, 256, (2, 12))
-    base = model(tokens)
-    t = 6
-    changed = tokens.clone()
-    changed[:, t] = (changed[:, t] + 1) % 256
-    out = model(changed)
-    assert torch.equal(out[:, :t], base[:, :t])
-    assert (out[:, t:] - base[:, t:]).abs().max() > 1e-6
+    assert_causal(model, tokens, 6)
 
 
 def test_cached_decoding_equals_full_forward() -> None:

@@ -18,7 +18,8 @@ from models.common.mamba import selective_scan_chunked, selective_scan_sequentia
 from models.common.moe import MoEFeedForward
 from models.jamba import Jamba, JambaConfig, active_parameters, is_attention_layer, is_moe_layer
 from models.registry import build_model, preset
-from tests.simulated_ranks import global_loss, grads, two_rank_loss_and_grads
+from tests.support.causality import assert_causal
+from tests.support.simulated_ranks import global_loss, grads, two_rank_loss_and_grads
 
 
 def _tiny(**overrides: object) -> Jamba:
@@ -52,13 +53,7 @@ def test_tiny_layout() -> None:
 def test_causality() -> None:
     model = _tiny()
     tokens = torch.randint(0, 256, (2, 12))
-    base = model(tokens)
-    t = 7
-    changed = tokens.clone()
-    changed[:, t] = (changed[:, t] + 1) % 256
-    out = model(changed)
-    assert torch.equal(out[:, :t], base[:, :t])
-    assert (out[:, t:] - base[:, t:]).abs().max() > 1e-6
+    assert_causal(model, tokens, 7)
 
 
 @pytest.mark.parametrize("scan", ["chunked", "sequential"])

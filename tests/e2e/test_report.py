@@ -1,20 +1,18 @@
 """`python -m launch.report`, the profiler window and tensorboard's load pictures, on one real
-torchrun run; the report of an older run (metrics without the new keys); bad input."""
+torchrun run; bad input to the report."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 from omegaconf import OmegaConf
 
 from launch import report
 from launch.errors import UserError
-from launch.report_figures import mean_phase_times
 from launch.train import compose_config
-from tests.test_e2e_train import read_metrics, torchrun
+from tests.support.launch import read_metrics, torchrun
 
 RUN = [
     "parallel=fssdp",
@@ -76,39 +74,10 @@ def test_report_of_a_real_run(run_dir: Path, capsys: pytest.CaptureFixture[str])
     assert len(list((run_dir / "report").glob("*.png"))) == 7
 
 
-OLD_RECORD = {  # the keys of DESIGN.md §4, before phases and per-expert load were logged
-    "loss": 5.0,
-    "aux_loss": 0.01,
-    "tokens_per_s": 1000.0,
-    "step_time_s": 0.5,
-    "rank_step_time_s": [0.5, 0.4],
-    "rank_expert_time_s": [0.2, 0.1],
-    "straggler_ratio": 1.33,
-    "expert_load_imbalance": 2.0,
-    "comm_bytes": {"spag": 0, "sprs": 0, "a2a": 1000, "dense": 5000},
-    "model_state_bytes": [100.0, 100.0],
-    "peak_rss_bytes": [1000, 1100],
-}
 
 
-def test_report_of_an_older_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    lines = [json.dumps({"step": s, **OLD_RECORD}) for s in (1, 10, 20)]
-    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 3')  # torn last line
-    report.main([str(tmp_path)])
-    out = capsys.readouterr().out
-    assert "no phase_time_s" in out and "straggler ratio" in out and "a2a" in out
-    page = (tmp_path / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3  # straggler, communication, memory
-    assert "no phase_spans" in page and "no expert_load" in page
 
 
-def test_phase_means_skip_the_warm_up_step() -> None:
-    recs: list[dict[str, Any]] = [
-        {"step": 1, "phase_time_s": {"expert": [9.0, 9.0]}},
-        {"step": 5, "phase_time_s": {"expert": [1.0, 3.0], "forward": [2.0, 2.0]}},
-        {"step": 10, "phase_time_s": {"expert": [3.0, 5.0]}},
-    ]
-    assert mean_phase_times(recs) == {"forward": [1.0, 1.0], "expert": [2.0, 4.0]}
 
 
 def test_bad_input_is_one_line_and_exit_2(

@@ -25,7 +25,7 @@ from launch.dist import DistInfo
 from launch.export import main as export_main
 from launch.train import build_trainer, compose_config
 from models.registry import build_model
-from tests.harness import run_distributed
+from tests.support.harness import run_distributed
 
 STEPS = 4  # every job's schedule; checkpoints are taken at step 2
 BASE = [

@@ -1,5 +1,5 @@
-"""Phase timing: exclusive accounting, router timing, every strategy's phases on real steps, and
-no change to numerics (fssdp/phases.py)."""
+"""Phase timing in one process: exclusive accounting, dropped spans, the CUDA clock, backward
+attribution through autograd, router timing, world 1 (fssdp/phases.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,8 @@ import torch
 from torch import nn
 
 from fssdp.phases import PhaseTimer, time_backward_chain, time_routers
-from tests.harness import run_distributed
-from tests.parity import train_capture
-
-BANK_CALLS = 4  # gpt_moe_tiny: one bank and one router per layer, 4 layers
+from tests.support.parity import train_capture
+from tests.support.phase_checks import check_spans, timed_record
 
 
 class FakeClock:
@@ -150,89 +148,8 @@ def test_routers_timed_once_per_call_whether_called_or_logits() -> None:
     assert torch.equal(out, ref)
 
 
-# -- real steps, every strategy --------------------------------------------------------------
-def _timed_record(trainer: Any) -> dict[str, Any]:
-    trainer.cfg.log_every = 1  # the next step is logged, so timed
-    out = trainer.train_step()
-    return trainer._record(out)
-
-
-STRATEGIES = {
-    "ddp": ["parallel=ddp"],
-    "fsdp": ["parallel=fsdp"],
-    "ep": ["parallel=ep", "model.route_skew=1.0"],
-    "fssdp": ["parallel=fssdp", "model.route_skew=1.0", "parallel.rematerialize=true"],
-}
-
-
-def _every_strategy(rank: int, world: int) -> dict[str, Any]:
-    out = {
-        name: train_capture(rank, world, ov, 2, probe=_timed_record)["probe"]
-        for name, ov in STRATEGIES.items()
-    }
-    # Timing on for every step versus off: the same losses and gradients, bit for bit. The
-    # overlap degree is fixed: measured (-1), it makes the placement, and with it the order of
-    # floating-point sums, depend on the machine's timing from run to run.
-    skew = [
-        "parallel=fssdp",
-        "model.route_skew=1.0",
-        "parallel.rematerialize=true",
-        "parallel.overlap_degree=2",
-    ]
-    out["timed"] = train_capture(rank, world, [*skew, "train.log_every=1"], 3)
-    out["untimed"] = train_capture(rank, world, [*skew, "train.phase_timing=false"], 3)
-    return out
-
-
-def _inside(span: list[Any], outer: list[Any]) -> bool:
-    return outer[1] <= span[1] and span[2] <= outer[2] + 1e-9 and span[3] > outer[3]
-
-
-def _check_spans(rank_spans: list[list[Any]], label: str) -> None:
-    top = {s[0]: s for s in rank_spans if s[3] == 0}
-    assert {"forward", "backward", "optimizer"} <= set(top), (label, sorted(top))
-    for s in rank_spans:
-        assert 0.0 <= s[1] <= s[2], (label, s)
-    fwd, bwd = top["forward"], top["backward"]
-    experts = [s for s in rank_spans if s[0] == "expert"]
-    assert sum(_inside(s, fwd) for s in experts) == BANK_CALLS, (label, experts)
-    assert sum(_inside(s, bwd) for s in experts) == BANK_CALLS, (label, experts)
-    routers = [s for s in rank_spans if s[0] == "router"]
-    assert len(routers) == BANK_CALLS and all(_inside(s, fwd) for s in routers), label
-
-
-def _check_record(name: str, rec: dict[str, Any]) -> None:
-    times = rec["phase_time_s"]
-    sparse = {"spag", "dispatch", "combine", "sprs", "plan"}
-    expect = {"data", "forward", "router", "expert", "backward", "wait", "optimizer", "other"}
-    if name in ("ep", "fssdp"):
-        expect |= sparse
-    else:
-        assert not sparse & set(times), (name, sorted(times))
-    assert expect <= set(times), (name, sorted(times))
-    assert all(len(v) == 2 and min(v) >= 0 for v in times.values()), name
-    assert all(times[p][r] > 0 for p in ("forward", "backward", "expert") for r in range(2)), name
-    for r in range(2):
-        total = sum(v[r] for v in times.values())
-        step = rec["rank_step_time_s"][r]
-        assert abs(total - step) <= 0.25 * step, (name, r, total, step)  # accounts for the step
-        _check_spans(rec["phase_spans"][r], f"{name} rank {r}")
-
-
-def test_every_strategy_reports_its_phases_and_numerics_do_not_move() -> None:
-    res = run_distributed(_every_strategy, 2, timeout_s=300)
-    for rank in range(2):
-        for name in STRATEGIES:
-            _check_record(name, res[rank][name])
-    timed, untimed = res[0]["timed"], res[0]["untimed"]
-    assert timed["loss"] == untimed["loss"] and timed["aux"] == untimed["aux"]
-    for gt, gu in zip(timed["grads"], untimed["grads"]):
-        assert gt.keys() == gu.keys()
-        assert all(torch.equal(gt[k], gu[k]) for k in gt), "timing changed a gradient"
-
-
 def test_world_one_has_no_wait_and_no_sparse_phases() -> None:
-    rec = train_capture(0, 1, ["parallel=none"], 1, probe=_timed_record)["probe"]
+    rec = train_capture(0, 1, ["parallel=none"], 1, probe=timed_record)["probe"]
     assert "wait" not in rec["phase_time_s"] and "dispatch" not in rec["phase_time_s"]
     assert len(rec["phase_spans"]) == 1
-    _check_spans(rec["phase_spans"][0], "none")
+    check_spans(rec["phase_spans"][0], "none")

@@ -27,7 +27,7 @@ from collectives import (
 )
 from collectives.comm import guarded
 from collectives.dispatch import all_to_all_rows
-from tests.harness import run_distributed
+from tests.support.harness import run_distributed
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16)
 

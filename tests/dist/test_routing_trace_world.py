@@ -1,27 +1,24 @@
-"""`train.routing_trace=true`: rank 0 writes the trace the simulator replays (format:
-launch/routing_trace.py); its rows are the steps' global tokens per expert."""
+"""`train.routing_trace=true` at world 2: rank 0's trace rows are the steps' global tokens per
+expert (format: launch/routing_trace.py)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from launch.profile import TraceRecorder
 from launch.routing_trace import read_trace
 from models.common.experts import ExpertBank
 from models.registry import build_model, preset
-from tests.harness import run_distributed
-from tests.parity import train_capture
-
-STEPS = 3
+from tests.support.harness import run_distributed
+from tests.support.parity import train_capture
 
 
 def _read(trainer: Any) -> Any:
     path = trainer.run_dir / "routing_trace.jsonl"
     return read_trace(path) if trainer.info.is_main else path.exists()
+
+STEPS = 3
 
 
 def _traced(rank: int, world: int) -> dict[str, Any]:
@@ -51,14 +48,3 @@ def test_trace_holds_every_steps_global_load() -> None:
     assert len(trace.steps) == STEPS and all(sum(c) > 0 for c in trace.steps[0].values())
 
 
-def test_resumed_trace_drops_rolled_back_steps(tmp_path: Path) -> None:
-    rec = TraceRecorder(tmp_path, torch.nn.Linear(1, 1), 2, 16)
-    load = {"bank": torch.tensor([3, 1])}
-    for step in (1, 2, 3, 4):
-        rec.record(step, load)
-    again = TraceRecorder(tmp_path, torch.nn.Linear(1, 1), 4, 16)  # resumed after step 2
-    again.record(3, {"bank": torch.tensor([0, 4])})
-    lines = (tmp_path / "routing_trace.jsonl").read_text().splitlines()
-    assert json.loads(lines[0])["world_size"] == 2  # the header is kept
-    assert [json.loads(x)["step"] for x in lines[1:]] == [1, 2, 3]
-    assert read_trace(tmp_path / "routing_trace.jsonl").steps[-1] == {"bank": [0, 4]}
