@@ -13,13 +13,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from launch import checkpoint as ckpt
+from launch.build import build_trainer
 from launch.checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint
 from launch.errors import EXIT_USER_ERROR, UserError, fail
+from launch.validation import resume_mode, validate
 
 
 def compose_config(overrides: list[str]) -> tuple[DictConfig, str]:
@@ -54,98 +55,6 @@ def compose_config(overrides: list[str]) -> tuple[DictConfig, str]:
     return cfg, run_dir
 
 
-def validate(cfg: Any, world_size: int) -> None:
-    """Checks that need no heavy work; each failure names the fix."""
-    t = cfg.train
-    if t.dtype not in ("float32", "float64", "bfloat16"):
-        raise UserError(f"train.dtype={t.dtype!r}: use float32, float64 or bfloat16")
-    if t.steps < 1 or t.global_batch_size < 1 or t.seq_len < 1:
-        raise UserError("train.steps, train.global_batch_size and train.seq_len must be ≥ 1")
-    if t.global_batch_size % world_size:
-        raise UserError(
-            f"train.global_batch_size={t.global_batch_size} does not split evenly over "
-            f"{world_size} ranks: use a multiple of {world_size}"
-        )
-    resume_mode(t.resume)
-    if t.ckpt_every < 0 or t.keep_last < 0:
-        raise UserError(
-            "train.ckpt_every and train.keep_last must be ≥ 0 (0: only at the end / all)"
-        )
-    p = cfg.parallel
-    if p.strategy == "none" and world_size > 1:
-        raise UserError(
-            f"parallel=none runs on one process but the world size is {world_size}: "
-            "use parallel=ddp|fsdp|ep|fssdp under torchrun"
-        )
-    if p.ranks_per_node and world_size % p.ranks_per_node:
-        raise UserError(
-            f"parallel.ranks_per_node={p.ranks_per_node} does not divide the world size "
-            f"{world_size}: use a divisor, or 0 (from torchrun)"
-        )
-    if p.timeout_s <= 0:
-        raise UserError(f"parallel.timeout_s={p.timeout_s}: use a positive number of seconds")
-    max_len = getattr(cfg.model, "max_seq_len", None)
-    if max_len is not None and t.seq_len > max_len:
-        raise UserError(
-            f"train.seq_len={t.seq_len} exceeds model.max_seq_len={max_len}: lower train.seq_len"
-        )
-
-
-def build_trainer(cfg: Any, info: Any, run_dir: Path, on_grads: Any = None) -> Any:
-    """Everything a run needs, from a resolved config object; shared by `run` and the tests."""
-    from fssdp.wrap import parallelize
-    from launch.data import DataError, GlobalBatchSampler, build_streams, val_batches
-    from launch.optim import build_optimizer
-    from launch.trainer import Trainer, param_dtype
-    from models.registry import build_model
-
-    t = cfg.train
-    try:
-        validate(cfg, info.world_size)
-        train_stream, val_stream = build_streams(cfg.data)
-        if train_stream.vocab_size > cfg.model.vocab_size:
-            raise UserError(
-                f"data vocabulary {train_stream.vocab_size} exceeds model.vocab_size="
-                f"{cfg.model.vocab_size}: raise model.vocab_size"
-            )
-        sampler = GlobalBatchSampler(
-            train_stream, cfg.seed, t.global_batch_size, t.seq_len, info.rank, info.world_size
-        )
-        val_data = val_batches(
-            val_stream,
-            cfg.data,
-            cfg.seed,
-            t.global_batch_size,
-            t.seq_len,
-            info.rank,
-            info.world_size,
-        )
-    except DataError as e:
-        raise UserError(str(e)) from e
-    torch.manual_seed(cfg.seed)
-    try:
-        model = build_model(cfg.model).to(device=info.device, dtype=param_dtype(t))
-    except ValueError as e:  # an impossible model config (e.g. top_k > num_experts)
-        raise UserError(f"model config: {e}") from e
-    try:
-        par = parallelize(model, cfg.parallel, info.ranks_per_node)
-    except ValueError as e:
-        raise UserError(str(e)) from e
-    opt = build_optimizer(par.named_optimizer_params(), cfg.optim)
-    return Trainer(
-        par,
-        opt,
-        sampler,
-        val_data,
-        t,
-        cfg.optim,
-        info,
-        run_dir,
-        bits_per_byte=cfg.data.name == "pystdlib",
-        on_grads=on_grads,
-    )
-
-
 def run(job: DictConfig, run_dir_hint: str) -> None:
     from launch.dist import init_distributed
     from launch.summary import print_summary
@@ -172,14 +81,6 @@ def run(job: DictConfig, run_dir_hint: str) -> None:
     history = trainer.fit()
     if info.is_main:
         print_summary(run_dir, history)
-
-
-def resume_mode(value: Any) -> str:
-    """`train.resume` as auto | true | false (hydra hands booleans over as True/False)."""
-    mode = str(value).strip().lower()
-    if mode not in ("auto", "true", "false"):
-        raise UserError(f"train.resume={value!r}: use auto, true or false")
-    return mode
 
 
 def check_resume(run_dir: Path, mode: str, fallback: bool) -> None:

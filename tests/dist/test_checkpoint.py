@@ -20,10 +20,11 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from launch import checkpoint as ckpt
+from launch.build import build_trainer
 from launch.consolidate import load_full_model, load_run_config
 from launch.dist import DistInfo
 from launch.export import main as export_main
-from launch.train import build_trainer, compose_config
+from launch.train import compose_config
 from models.registry import build_model
 from tests.support.harness import run_distributed
 

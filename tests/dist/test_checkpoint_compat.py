@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from launch.build import build_trainer
 from launch.consolidate import load_run_config
 from launch.dist import DistInfo
-from launch.train import build_trainer
 from tests.support.harness import run_distributed
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "ckpt_v1_fssdp_w2"

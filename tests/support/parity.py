@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from launch.build import build_trainer
 from launch.dist import DistInfo
-from launch.train import build_trainer, compose_config
+from launch.train import compose_config
 
 BASE = [
     "train.dtype=float64",
