@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from models.common.attention import CausalSelfAttention, KVCache
 from models.common.context import MoEContext
 from models.common.experts import MLPExperts
+from models.common.layers import Embedding
 from models.common.moe import MoEFeedForward
 from models.common.router import TopKRouter
 from models.registry import ModelSpec
@@ -60,13 +61,10 @@ class GPTMoE(nn.Module):
     def __init__(self, cfg: GPTMoEConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.tok_emb = Embedding(cfg.vocab_size, cfg.d_model, std=cfg.init_std)
+        self.pos_emb = Embedding(cfg.max_seq_len, cfg.d_model, std=cfg.init_std)
         self.blocks = nn.ModuleList(GPTMoEBlock(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
-        if not self.tok_emb.weight.is_meta:
-            nn.init.normal_(self.tok_emb.weight, std=cfg.init_std)
-            nn.init.normal_(self.pos_emb.weight, std=cfg.init_std)
 
     def new_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.blocks]

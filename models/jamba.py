@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from models.common.attention import CausalSelfAttention, KVCache
 from models.common.context import MoEContext
 from models.common.experts import ExpertBank, MLPExperts
+from models.common.layers import Embedding, Linear
 from models.common.mamba import MambaCache, MambaMixer
 from models.common.moe import MoEFeedForward
 from models.common.router import TopKRouter
@@ -67,12 +68,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, d: int, hidden: int, std: float, out_std: float) -> None:
         super().__init__()
-        self.gate = nn.Linear(d, hidden, bias=False)
-        self.up = nn.Linear(d, hidden, bias=False)
-        self.down = nn.Linear(hidden, d, bias=False)
-        if not self.gate.weight.is_meta:
-            for lin, s in ((self.gate, std), (self.up, std), (self.down, out_std)):
-                nn.init.normal_(lin.weight, std=s)
+        self.gate = Linear(d, hidden, bias=False, std=std)
+        self.up = Linear(d, hidden, bias=False, std=std)
+        self.down = Linear(hidden, d, bias=False, std=out_std)
 
     def forward(self, x_BSD: Tensor, ctx: MoEContext) -> Tensor:
         return self.down(F.silu(self.gate(x_BSD)) * self.up(x_BSD))
@@ -143,13 +141,11 @@ class Jamba(nn.Module):
         super().__init__()
         _validate(cfg)
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.tok_emb = Embedding(cfg.vocab_size, cfg.d_model, std=cfg.init_std)
         self.layers = nn.ModuleList(JambaLayer(cfg, i) for i in range(cfg.n_layers))
         self.norm_f = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # untied in v0.1
-        if not self.tok_emb.weight.is_meta:
-            nn.init.normal_(self.tok_emb.weight, std=cfg.init_std)
-            nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+        # untied in v0.1
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False, std=cfg.init_std)
 
     def new_cache(self) -> list[KVCache | MambaCache]:
         """Per layer: a KV cache (attention layers) or conv + SSM state (Mamba layers)."""

@@ -25,6 +25,7 @@ from models.common import losses
 from models.common.attention import KVCache, apply_rope, causal_attention
 from models.common.context import MoEContext
 from models.common.experts import ExpertBank, LinearExperts, MLPExperts
+from models.common.layers import Embedding, Linear, reset_unless_meta
 from models.common.moe import moe_combine, record_routing
 from models.common.router import Routing, TopKRouter, route, router_dtype, skew_bias
 from models.registry import ModelSpec
@@ -56,8 +57,6 @@ class MoEUTConfig:
 
 def _unit_rows_keep_std_(w: Tensor) -> None:
     """Reference router init: rows to unit norm, then the whole matrix back to its former std."""
-    if w.is_meta:
-        return
     with torch.no_grad():
         std = w.std()
         w.div_(w.norm(dim=-1, keepdim=True))
@@ -133,8 +132,8 @@ class SwitchHead(nn.Module):
         self.rot_dim = int(dh * cfg.rope_fraction) // 2 * 2
         self.rope_base = cfg.rope_base
         std_in, std_o = scale / math.sqrt(d), scale / math.sqrt(H * dh)
-        self.q = nn.Linear(d, H * dh, bias=False)
-        self.k = nn.Linear(d, H * dh, bias=False)
+        self.q = Linear(d, H * dh, bias=False, std=std_in)
+        self.k = Linear(d, H * dh, bias=False, std=std_in)
         self.v: nn.Module
         self.o: nn.Module
         if A > 1:
@@ -142,26 +141,23 @@ class SwitchHead(nn.Module):
             self.o = LinearExperts(H * A, dh, d, std=std_o)
             self.sel_v = nn.Parameter(torch.empty(H * A, d))
         else:
-            self.v = nn.Linear(d, H * dh, bias=False)
-            self.o = nn.Linear(H * dh, d, bias=False)
+            self.v = Linear(d, H * dh, bias=False, std=std_in)
+            self.o = Linear(H * dh, d, bias=False, std=std_o)
         self.sel_o = nn.Parameter(torch.empty(H * A, d))
-        self.register_buffer("skew_A", skew_bias(A, cfg.route_skew), persistent=False)
-        self.std_in, self.std_o = std_in, std_o
-        self.reset_parameters()
+        self.route_skew = cfg.route_skew
+        self.register_buffer("skew_A", torch.empty(A, dtype=torch.float64), persistent=False)
+        self.std_in = std_in
+        reset_unless_meta(self)
 
     def reset_parameters(self) -> None:
-        if self.q.weight.is_meta:
-            return
-        std_in, std_o = self.std_in, self.std_o
-        for w in (self.q.weight, self.k.weight):
-            nn.init.normal_(w, std=std_in)
-        if self.n_exp == 1:
-            nn.init.normal_(self.v.weight, std=std_in)
-            nn.init.normal_(self.o.weight, std=std_o)
-        for name in ("sel_v", "sel_o"):
-            if hasattr(self, name):
-                nn.init.normal_(getattr(self, name), std=std_in)
-                _unit_rows_keep_std_(getattr(self, name))
+        """The selectors (this module's own parameters) and the skew bias; Q/K/V/O init
+        themselves ([Note: init protocol] in models/common/layers.py)."""
+        with torch.no_grad():
+            for name in ("sel_v", "sel_o"):
+                if hasattr(self, name):
+                    getattr(self, name).normal_(0.0, self.std_in)
+                    _unit_rows_keep_std_(getattr(self, name))
+            self.skew_A.copy_(skew_bias(self.n_exp, self.route_skew))
 
     def _route(self, xn_TD: Tensor, sel: Tensor) -> Routing:
         """Per-head sigmoid top-k: routing tensors are [T, H, A] / [T, H, K]."""
@@ -265,12 +261,11 @@ class MoEUT(nn.Module):
         self.cfg = cfg
         self.n_repeats = cfg.n_layers // cfg.group_size
         scale = math.sqrt(2.0 / cfg.n_layers)  # from the unrolled depth
-        self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # Kaiming-normal, fan-in, linear gain (reference): std 1/√D
+        self.embedding = Embedding(cfg.vocab_size, cfg.d_model, std=cfg.d_model**-0.5)
         self.layers = nn.ModuleList(MoEUTLayer(cfg, scale) for _ in range(cfg.group_size))
         self.out_norm = nn.LayerNorm(cfg.d_model)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size)  # untied, with bias
-        if not self.embedding.weight.is_meta:
-            nn.init.kaiming_normal_(self.embedding.weight, mode="fan_in", nonlinearity="linear")
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size)  # untied, with bias, torch's init
 
     def new_cache(self) -> list[KVCache]:
         """One KV cache per unrolled layer (R·G of them)."""

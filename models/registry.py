@@ -9,9 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 from torch import nn
 
 from models.common.experts import name_banks
+from models.common.init import init_weights
 
 
 @dataclass(frozen=True)
@@ -55,12 +57,35 @@ def preset(name: str, **overrides: Any) -> Any:
     return replace(presets[name], **overrides)
 
 
-def build_model(cfg: Any) -> nn.Module:
-    """Build the family's model from its config and name its expert banks."""
+def build_model(
+    cfg: Any,
+    *,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Build the family's model on the meta device, name its expert banks, and (unless
+    `device` is "meta") materialise it on `device` and initialise it from `seed`.
+
+    `device=None` is torch's default device: CPU, or meta inside `with torch.device("meta")`
+    (so counting parameters that way allocates nothing).
+
+    Initial values depend only on (seed, module name) and (seed, bank, expert id)
+    ([Note: sharded init] in models/common/init.py), never on the global RNG. With `dtype` the
+    model is converted on meta first, so values are drawn directly in that dtype.
+    """
     specs = _specs()
     family = getattr(cfg, "family", None)
     if family not in specs:
         raise KeyError(f"unknown model family {family!r}; known: {', '.join(sorted(specs))}")
-    model = specs[family].builder(cfg)
+    with torch.device("meta"):
+        model = specs[family].builder(cfg)
     name_banks(model)
+    if dtype is not None:
+        model = model.to(dtype)
+    device = torch.get_default_device() if device is None else torch.device(device)
+    if device.type == "meta":
+        return model
+    model.to_empty(device=device)
+    init_weights(model, seed)
     return model

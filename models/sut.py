@@ -27,6 +27,7 @@ from models.common import losses
 from models.common.attention import KVCache
 from models.common.context import MoEContext
 from models.common.experts import ExpertBank, LinearExperts, MLPExperts
+from models.common.layers import Embedding, Linear, reset_unless_meta
 from models.common.moe import record_routing
 from models.common.router import Routing, route, router_dtype, skew_bias
 from models.registry import ModelSpec
@@ -59,9 +60,17 @@ class MLPRouter(nn.Module):
 
     def __init__(self, d_model: int, num_experts: int, route_skew: float) -> None:
         super().__init__()
-        self.hidden = nn.Linear(d_model, d_model)
+        self.hidden = nn.Linear(d_model, d_model)  # torch's default init (reference)
         self.out = nn.Linear(d_model, num_experts, bias=False)
-        self.register_buffer("skew_E", skew_bias(num_experts, route_skew), persistent=False)
+        self.num_experts, self.route_skew = num_experts, route_skew
+        skew_E = torch.empty(num_experts, dtype=torch.float64)
+        self.register_buffer("skew_E", skew_E, persistent=False)
+        reset_unless_meta(self)
+
+    def reset_parameters(self) -> None:
+        """The non-persistent skew bias, recomputed from the config."""
+        with torch.no_grad():
+            self.skew_E.copy_(skew_bias(self.num_experts, self.route_skew))
 
     def logits(self, x_TD: Tensor) -> Tensor:
         dt = router_dtype(x_TD)
@@ -89,10 +98,14 @@ class MixtureOfAttention(nn.Module):
         # reference init: U(±1/fan_in) for expert weights (same std here, normal)
         self.q = LinearExperts(E, d, De, std=1 / (d * math.sqrt(3)))
         self.o = LinearExperts(E, De, d, std=1 / (De * math.sqrt(3)))
-        self.kv = nn.Linear(d, 2 * De, bias=False)
-        self.rel_pos = nn.Parameter(torch.zeros(self.n_heads, dh, 2 * cfg.max_rel_pos + 1))
-        if not self.kv.weight.is_meta:
-            nn.init.normal_(self.kv.weight, std=1 / math.sqrt(d + De))  # xavier, gain 1/√2
+        self.kv = Linear(d, 2 * De, bias=False, std=1 / math.sqrt(d + De))  # xavier, gain 1/√2
+        self.rel_pos = nn.Parameter(torch.empty(self.n_heads, dh, 2 * cfg.max_rel_pos + 1))
+        reset_unless_meta(self)
+
+    def reset_parameters(self) -> None:
+        """This module's own parameter: relative position embeddings start at zero."""
+        with torch.no_grad():
+            self.rel_pos.zero_()
 
     def forward(
         self, xn_BSD: Tensor, idx_A: Tensor, cache: KVCache | None, ctx: MoEContext
@@ -221,9 +234,7 @@ class HaltingGate(nn.Module):
     def __init__(self, d_model: int) -> None:
         super().__init__()
         self.hidden = nn.Linear(d_model, d_model)
-        self.out = nn.Linear(d_model, 2, bias=False)
-        if not self.out.weight.is_meta:
-            nn.init.zeros_(self.out.weight)
+        self.out = Linear(d_model, 2, bias=False, std=0.0)  # zero init: α = 1/2
 
     def forward(self, h_AD: Tensor) -> tuple[Tensor, Tensor]:
         dt = router_dtype(h_AD)
@@ -252,14 +263,12 @@ class SUT(nn.Module):
     def __init__(self, cfg: SUTConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        std = cfg.d_model**-0.5
+        self.embedding = Embedding(cfg.vocab_size, cfg.d_model, std=std)  # ×√D in forward
         self.layer = SUTLayer(cfg)
         self.halt = HaltingGate(cfg.d_model)
         self.out_norm = nn.LayerNorm(cfg.d_model)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if not self.embedding.weight.is_meta:
-            nn.init.normal_(self.embedding.weight, std=cfg.d_model**-0.5)  # ×√D in forward
-            nn.init.normal_(self.lm_head.weight, std=cfg.d_model**-0.5)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False, std=std)
 
     def new_cache(self) -> list[KVCache]:
         """One KV cache per step: the keys/values every past token had at that step."""

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from models.common.attention import KVCache, apply_rope, causal_attention
 from models.common.context import MoEContext
 from models.common.experts import ExpertBank, MLPExperts
+from models.common.layers import Embedding, Linear, reset_unless_meta
 from models.common.moe import moe_combine, record_routing
 from models.common.router import TopKRouter
 from models.registry import ModelSpec
@@ -56,11 +57,8 @@ class SharedExpert(nn.Module):
 
     def __init__(self, d: int, hidden: int, std: float) -> None:
         super().__init__()
-        self.up = nn.Linear(d, hidden, bias=False)
-        self.down = nn.Linear(hidden, d, bias=False)
-        if not self.up.weight.is_meta:
-            nn.init.normal_(self.up.weight, std=std)
-            nn.init.normal_(self.down.weight, std=std)
+        self.up = Linear(d, hidden, bias=False, std=std)
+        self.down = Linear(hidden, d, bias=False, std=std)
 
     def forward(self, z: Tensor) -> Tensor:
         return self.down(F.silu(self.up(z)))
@@ -85,14 +83,19 @@ class PremixAttention(nn.Module):
         # Per-expert low-rank query factors: ordinary dense parameters, used outside the bank.
         self.q_a = nn.Parameter(torch.empty(E, d, R))
         self.q_b = nn.Parameter(torch.empty(E, R, Q))
-        self.q_res = nn.Linear(d, Q, bias=False)
-        self.q_shared = nn.Linear(d, Q, bias=False)  # the shared expert's own query
-        self.k = nn.Linear(d, Q, bias=False)
+        self.q_res = Linear(d, Q, bias=False, std=std)
+        self.q_shared = Linear(d, Q, bias=False, std=std)  # the shared expert's own query
+        self.k = Linear(d, Q, bias=False, std=std)
         self.shared = SharedExpert(d, cfg.shared_hidden or cfg.expert_hidden, std)
         self.aux = {"seq_balance": cfg.aux_seq_balance} if cfg.aux_seq_balance else {}
-        if not self.q_a.is_meta:
-            for p in (self.q_a, self.q_b, self.q_res.weight, self.q_shared.weight, self.k.weight):
-                nn.init.normal_(p, std=std)
+        self.std = std
+        reset_unless_meta(self)
+
+    def reset_parameters(self) -> None:
+        """This module's own parameters: the low-rank query factors ~ N(0, std²)."""
+        with torch.no_grad():
+            self.q_a.normal_(0.0, self.std)
+            self.q_b.normal_(0.0, self.std)
 
     def routed_queries(self, xn_TD: Tensor, expert_TK: Tensor) -> Tensor:
         """q_{t,e} = (xn_t·A_e)·B_e + xn_t·W_qres for the K chosen experts of each token [T,K,Q]."""
@@ -185,14 +188,11 @@ class UMoE(nn.Module):
             if not 1 <= k <= cfg.num_experts:
                 raise ValueError(f"{name}={k} must be in [1, num_experts={cfg.num_experts}]")
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.tok_emb = Embedding(cfg.vocab_size, cfg.d_model, std=cfg.init_std)
         self.layers = nn.ModuleList(UMoELayer(cfg) for _ in range(cfg.n_layers))
         self.norm_f = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         # Untied, as the reference (tie_word_embeddings false).
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if not self.tok_emb.weight.is_meta:
-            nn.init.normal_(self.tok_emb.weight, std=cfg.init_std)
-            nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False, std=cfg.init_std)
 
     def new_cache(self) -> list[KVCache]:
         """Per layer: RoPE'd keys [B,1,P,Q] and the normalised inputs (the values) [B,1,P,D]."""

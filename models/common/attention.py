@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.common.layers import Linear
+
 
 def rope_frequencies(dim: int, base: float = 10000.0) -> Tensor:
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
@@ -89,20 +91,12 @@ class CausalSelfAttention(nn.Module):
         self.d_head = d_model // n_heads
         self.rot_dim = int(self.d_head * rope_fraction) // 2 * 2
         kv = self.n_kv_heads * self.d_head
-        self.q = nn.Linear(d_model, d_model, bias=bias)
-        self.kv = nn.Linear(d_model, 2 * kv, bias=bias)
-        self.o = nn.Linear(d_model, d_model, bias=bias)
-        self.std = std if std is not None else 1.0 / math.sqrt(d_model)
-        self.out_std = out_std if out_std is not None else self.std
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.q.weight.is_meta:
-            return
-        for lin, std in ((self.q, self.std), (self.kv, self.std), (self.o, self.out_std)):
-            nn.init.normal_(lin.weight, std=std)
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
+        std = std if std is not None else 1.0 / math.sqrt(d_model)
+        out_std = out_std if out_std is not None else std
+        # normal(0, std) weights, zero biases ([Note: init protocol] in models/common/layers.py)
+        self.q = Linear(d_model, d_model, bias=bias, std=std)
+        self.kv = Linear(d_model, 2 * kv, bias=bias, std=std)
+        self.o = Linear(d_model, d_model, bias=bias, std=out_std)
 
     def forward(self, x_BSD: Tensor, cache: KVCache | None = None) -> Tensor:
         B, S, D = x_BSD.shape

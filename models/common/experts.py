@@ -18,13 +18,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.common.layers import reset_unless_meta
+
 # An executor receives the bank and the call's arguments and returns y_NO. It must produce the
 # same values and gradients as `bank.compute(bank.stacked(), x_ND, expert_N)`.
 BankExecutor = Callable[["ExpertBank", Tensor, Tensor], Tensor]
 
 
 class ExpertBank(nn.Module):
-    """Base class: subclasses register stacked parameters and define `expert_forward`."""
+    """Base class: subclasses register stacked parameters and define `expert_forward` and
+    `init_expert`.
+
+    The stacked parameters hold the rows of `expert_ids` (all E experts when None). The runtime
+    builds the model on the meta device, then keeps only the rows of the experts a rank owns
+    ([Note: init protocol] in models/common/layers.py); `num_experts` stays the global E.
+    """
+
+    # Global ids of the rows this module's stacked parameters hold (None: all E, in order); set
+    # by the runtime when it shards the bank.
+    expert_ids: tuple[int, ...] | None = None
 
     def __init__(self, num_experts: int, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -42,10 +54,24 @@ class ExpertBank(nn.Module):
         """Apply one expert whose weights are `w[name]` (the expert's slice, no E dim)."""
         raise NotImplementedError
 
+    def init_expert(self, w: dict[str, Tensor]) -> None:
+        """Initialise one expert in place; `w[name]` is that expert's slice (no E dim).
+
+        Draws from the global RNG: `init_weights` seeds it per (seed, bank, expert id).
+        """
+        raise NotImplementedError
+
     # -- the shared machinery -----------------------------------------------------------------
     def stacked(self) -> dict[str, Tensor]:
-        """This bank's stacked expert weights, name -> [E, ...]."""
+        """This bank's stacked expert weights, name -> [len(expert_ids) or E, ...]."""
         return dict(self.named_parameters(recurse=False))
+
+    def reset_parameters(self) -> None:
+        """`init_expert` on every row this module holds, in row order, from the global RNG."""
+        with torch.no_grad():
+            w = self.stacked()
+            for i in range(next(iter(w.values())).shape[0]):
+                self.init_expert({k: v[i] for k, v in w.items()})
 
     def compute(self, w: dict[str, Tensor], x_ND: Tensor, expert_N: Tensor) -> Tensor:
         """Dropless grouped compute with stacked weights `w` (leading dim = #experts in `w`).
@@ -84,7 +110,7 @@ class ExpertBank(nn.Module):
 
     def expert_numel(self) -> int:
         """Elements of one expert (all its parameters): the unit the runtime moves."""
-        return sum(p[0].numel() for p in self.parameters(recurse=False))
+        return sum(math.prod(p.shape[1:]) for p in self.parameters(recurse=False))
 
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -125,22 +151,21 @@ class MLPExperts(ExpertBank):
             self.w_gate = nn.Parameter(torch.empty(E, d_in, d_hidden))
         self.w_out = nn.Parameter(torch.empty(E, d_hidden, d_out))
         if bias:
-            self.b_in = nn.Parameter(torch.zeros(E, d_hidden))
-            self.b_out = nn.Parameter(torch.zeros(E, d_out))
+            self.b_in = nn.Parameter(torch.empty(E, d_hidden))
+            self.b_out = nn.Parameter(torch.empty(E, d_out))
         self.std_in = std_in if std_in is not None else 1.0 / math.sqrt(d_in)
         self.std_out = std_out if std_out is not None else 1.0 / math.sqrt(d_hidden)
-        self.reset_parameters()
+        reset_unless_meta(self)
 
-    def reset_parameters(self) -> None:
-        if self.w_in.is_meta:
-            return
-        nn.init.normal_(self.w_in, std=self.std_in)
-        if self.activation == "swiglu":
-            nn.init.normal_(self.w_gate, std=self.std_in)
-        nn.init.normal_(self.w_out, std=self.std_out)
+    def init_expert(self, w: dict[str, Tensor]) -> None:
+        """w_in, w_gate ~ N(0, std_in²), w_out ~ N(0, std_out²), biases zero."""
+        w["w_in"].normal_(0.0, self.std_in)
+        if "w_gate" in w:
+            w["w_gate"].normal_(0.0, self.std_in)
+        w["w_out"].normal_(0.0, self.std_out)
         for name in ("b_in", "b_out"):
-            if hasattr(self, name):
-                nn.init.zeros_(getattr(self, name))
+            if name in w:
+                w[name].zero_()
 
     def expert_forward(self, w: dict[str, Tensor], x_nD: Tensor) -> Tensor:
         h_nH = x_nD @ w["w_in"]
@@ -168,16 +193,15 @@ class LinearExperts(ExpertBank):
         super().__init__(num_experts, d_in, d_out)
         self.weight = nn.Parameter(torch.empty(num_experts, d_in, d_out))
         if bias:
-            self.bias = nn.Parameter(torch.zeros(num_experts, d_out))
+            self.bias = nn.Parameter(torch.empty(num_experts, d_out))
         self.std = std if std is not None else 1.0 / math.sqrt(d_in)
-        self.reset_parameters()
+        reset_unless_meta(self)
 
-    def reset_parameters(self) -> None:
-        if self.weight.is_meta:
-            return
-        nn.init.normal_(self.weight, std=self.std)
-        if hasattr(self, "bias"):
-            nn.init.zeros_(self.bias)
+    def init_expert(self, w: dict[str, Tensor]) -> None:
+        """weight ~ N(0, std²), bias zero."""
+        w["weight"].normal_(0.0, self.std)
+        if "bias" in w:
+            w["bias"].zero_()
 
     def expert_forward(self, w: dict[str, Tensor], x_nD: Tensor) -> Tensor:
         y_nO = x_nD @ w["weight"]

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.common.layers import Linear, MambaDtProj, reset_unless_meta
+
 
 def scan_dtype(x: Tensor) -> torch.dtype:
     """The scan accumulates over the whole sequence: run it in fp32 (fp64 for fp64 models)."""
@@ -152,42 +154,26 @@ class MambaMixer(nn.Module):
         self.d_inner, self.d_state, self.d_conv = I, N, d_conv
         self.dt_rank = dt_rank or math.ceil(d_model / 16)
         self.scan, self.scan_chunk = scan, scan_chunk
-        self.in_proj = nn.Linear(d_model, 2 * I, bias=proj_bias)
-        self.conv1d = nn.Conv1d(I, I, d_conv, groups=I, bias=conv_bias)
-        self.x_proj = nn.Linear(I, self.dt_rank + 2 * N, bias=False)
+        out_std = out_std if out_std is not None else std
+        # Each child initialises itself ([Note: init protocol] in models/common/layers.py).
+        self.in_proj = Linear(d_model, 2 * I, bias=proj_bias, std=std)
+        self.conv1d = nn.Conv1d(I, I, d_conv, groups=I, bias=conv_bias)  # torch's default init
+        self.x_proj = Linear(I, self.dt_rank + 2 * N, bias=False, std=std)
         self.dt_norm = nn.RMSNorm(self.dt_rank, eps=norm_eps)
         self.b_norm = nn.RMSNorm(N, eps=norm_eps)
         self.c_norm = nn.RMSNorm(N, eps=norm_eps)
-        self.dt_proj = nn.Linear(self.dt_rank, I, bias=True)
+        self.dt_proj = MambaDtProj(self.dt_rank, I)
         self.A_log = nn.Parameter(torch.empty(I, N))
         self.D = nn.Parameter(torch.empty(I))
-        self.out_proj = nn.Linear(I, d_model, bias=proj_bias)
-        self.std = std
-        self.out_std = out_std if out_std is not None else std
-        self.reset_parameters()
+        self.out_proj = Linear(I, d_model, bias=proj_bias, std=out_std)
+        reset_unless_meta(self)
 
-    def reset_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
-        """mamba_ssm's init for A, D, Δ (S4D-real A; Δ log-uniform in [dt_min, dt_max])."""
-        if self.A_log.is_meta:
-            return
-        for lin, std in (
-            (self.in_proj, self.std),
-            (self.x_proj, self.std),
-            (self.out_proj, self.out_std),
-        ):
-            nn.init.normal_(lin.weight, std=std)
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
-        self.conv1d.reset_parameters()
+    def reset_parameters(self) -> None:
+        """mamba_ssm's init of the mixer's own A and D: S4D-real A = 1..N per channel, D = 1."""
         with torch.no_grad():
             A_IN = torch.arange(1, self.d_state + 1, dtype=torch.float64).expand(self.d_inner, -1)
             self.A_log.copy_(torch.log(A_IN))
             self.D.fill_(1.0)
-            nn.init.uniform_(self.dt_proj.weight, -(self.dt_rank**-0.5), self.dt_rank**-0.5)
-            u_I = torch.rand(self.d_inner, dtype=torch.float64)
-            dt_I = torch.exp(u_I * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-            dt_I = dt_I.clamp_min(1e-4)
-            self.dt_proj.bias.copy_(dt_I + torch.log(-torch.expm1(-dt_I)))  # softplus⁻¹(dt)
 
     def _conv(self, x_BSI: Tensor, cache: MambaCache | None) -> Tensor:
         """Causal depthwise conv over [cached K−1 inputs | new inputs], then SiLU."""

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.common.layers import reset_unless_meta
+
 
 @dataclass
 class Routing:
@@ -59,14 +61,18 @@ class TopKRouter(nn.Module):
         self.top_k = top_k
         self.score = score
         self.renormalize = renormalize
+        self.route_skew = route_skew
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         self.std = std if std is not None else 1.0 / math.sqrt(d_model)
-        self.register_buffer("skew_E", skew_bias(num_experts, route_skew), persistent=False)
-        self.reset_parameters()
+        skew_E = torch.empty(num_experts, dtype=torch.float64)
+        self.register_buffer("skew_E", skew_E, persistent=False)
+        reset_unless_meta(self)
 
     def reset_parameters(self) -> None:
-        if not self.weight.is_meta:
-            nn.init.normal_(self.weight, std=self.std)
+        """weight ~ N(0, std²); the (non-persistent) skew bias recomputed from the config."""
+        with torch.no_grad():
+            self.weight.normal_(0.0, self.std)
+            self.skew_E.copy_(skew_bias(self.num_experts, self.route_skew))
 
     def logits(self, x_TD: Tensor) -> Tensor:
         dt = router_dtype(x_TD)

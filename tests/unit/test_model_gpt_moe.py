@@ -10,8 +10,7 @@ from tests.support.causality import assert_causal
 
 
 def _count(name: str) -> tuple[int, int]:
-    with torch.device("meta"):
-        m = build_model(preset(name))
+    m = build_model(preset(name), device="meta")
     total = sum(p.numel() for p in m.parameters())
     emb = m.tok_emb.weight.numel() + m.pos_emb.weight.numel()
     return total, total - emb

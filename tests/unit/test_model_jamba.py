@@ -33,8 +33,7 @@ def _rel(a: Tensor, b: Tensor) -> float:
 
 def test_v0_1_parameter_counts() -> None:
     cfg = preset("jamba_v0_1")
-    with torch.device("meta"):
-        model = build_model(cfg)
+    model = build_model(cfg, device="meta")
     total = sum(p.numel() for p in model.parameters())
     active = active_parameters(model)
     assert abs(total / 52e9 - 1) < 0.03, total

@@ -44,8 +44,7 @@ def rel_err(a: Tensor, b: Tensor) -> float:
     "size,target", [("44m", 44e6), ("126m", 126e6), ("244m", 244e6), ("318m", 318e6)]
 )
 def test_published_param_counts(size: str, target: float) -> None:
-    with torch.device("meta"):
-        model = build_model(preset(f"moeut_{size}"))
+    model = build_model(preset(f"moeut_{size}"), device="meta")
     n = sum(p.numel() for p in model.parameters())
     assert abs(n - target) / target < 0.03, f"moeut_{size}: {n / 1e6:.2f}M"
     if size == "44m":  # MODELS.md: the 44M config works out to about 44.2M
