@@ -1,0 +1,1 @@
+"""fssdp: Fully Sharded Sparse Data Parallelism for Mixture-of-Experts training."""

@@ -1,32 +1,49 @@
-"""Dense parameters are sharded with PyTorch FSDP2 (`fully_shard`), layer by layer."""
+"""Dense parameters are sharded with PyTorch FSDP2 (`fully_shard`), unit by unit."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 
 def layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated layers of a model: the children of its ModuleLists (outermost first)."""
+    """The repeated layers of a model: the children of its ModuleLists (outermost first).
+
+    The default FSDP2 units when a model's spec names none (`ModelSpec.fsdp_units`)."""
     found: list[nn.Module] = []
-    seen: set[int] = set()
     for mod in model.modules():
         if isinstance(mod, nn.ModuleList):
             for child in mod:
-                if id(child) not in seen and not _inside(child, seen, found):
+                if not any(child is m or any(child is s for s in m.modules()) for m in found):
                     found.append(child)
-                    seen.add(id(child))
     return found
 
 
-def _inside(child: nn.Module, seen: set[int], found: list[nn.Module]) -> bool:
-    return any(child is m or any(child is s for s in m.modules()) for m in found)
-
-
-def shard_dense(model: nn.Module) -> nn.Module:
-    """fully_shard every layer that has parameters, then the root (which takes the rest)."""
-    for layer in layers(model):
-        if any(True for _ in layer.parameters()):
-            fully_shard(layer)
-    fully_shard(model)
+def shard_dense(
+    model: nn.Module,
+    units: list[nn.Module],
+    ignored: Iterable[nn.Parameter] = (),
+    mp_policy: MixedPrecisionPolicy | None = None,
+) -> nn.Module:
+    """fully_shard every unit that has parameters FSDP2 should manage, then the root (which
+    takes the rest). `ignored` parameters (sharded experts) stay plain and registered."""
+    skip = set(ignored)
+    kw = {"mp_policy": mp_policy} if mp_policy is not None else {}
+    for unit in units:
+        if any(p not in skip for p in unit.parameters()):
+            fully_shard(unit, ignored_params=skip or None, **kw)
+    fully_shard(model, ignored_params=skip or None, **kw)
     return model
+
+
+def local_slices(t: DTensor) -> tuple[slice, ...]:
+    """The part of the global tensor this rank's local shard holds (FSDP2: Shard(0))."""
+    for pl in t.placements:
+        if not (pl.is_replicate() or (pl.is_shard() and pl.dim == 0)):
+            raise ValueError(f"tensor with placement {pl}: expected Shard(0) or Replicate")
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))

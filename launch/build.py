@@ -8,15 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from launch.errors import UserError
 from launch.validation import validate
 
 
 def build_trainer(cfg: Any, info: Any, run_dir: Path, on_grads: Any = None) -> Any:
     """Everything a run needs, from a resolved config object; shared by `run` and the tests."""
-    from fssdp.wrap import parallelize
+    from fssdp.api import parallelize
     from launch.data import DataError, GlobalBatchSampler, build_streams, val_batches
     from launch.optim import build_optimizer
     from launch.trainer import Trainer, param_dtype
@@ -45,16 +43,17 @@ def build_trainer(cfg: Any, info: Any, run_dir: Path, on_grads: Any = None) -> A
         )
     except DataError as e:
         raise UserError(str(e)) from e
-    torch.manual_seed(cfg.seed)
-    try:
-        model = build_model(cfg.model).to(device=info.device, dtype=param_dtype(t))
+    try:  # on the meta device: each rank allocates only what it holds (par.materialize)
+        model = build_model(cfg.model, device="meta", dtype=param_dtype(t))
     except ValueError as e:  # an impossible model config (e.g. top_k > num_experts)
         raise UserError(f"model config: {e}") from e
     try:
-        par = parallelize(model, cfg.parallel, info.ranks_per_node)
+        par = parallelize(model, cfg.parallel, ranks_per_node=info.ranks_per_node)
     except ValueError as e:
         raise UserError(str(e)) from e
+    par.materialize(info.device, seed=cfg.seed)
     opt = build_optimizer(par.named_optimizer_params(), cfg.optim)
+    par.attach(opt)
     return Trainer(
         par,
         opt,

@@ -1,6 +1,6 @@
 """Rebuild a plain, single-process model from a run directory's checkpoint, whatever strategy and
 world size wrote it: dense parameters are stored by FQN, experts by global (bank, expert)
-([Note: checkpoint layout] in fssdp/strategies/state.py)."""
+([Note: checkpoint layout] in fssdp/checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from torch import nn
 
-from fssdp.strategies.state import bank_param_names
+from fssdp.checkpoint import expert_param_fqns
 from launch.checkpoint import list_checkpoints, verify_checkpoint
 from launch.errors import UserError
 
@@ -56,7 +56,7 @@ def find_checkpoint(run_dir: Path, step: int | None = None) -> tuple[int, Path]:
 def load_model_weights(model: nn.Module, path: Path) -> None:
     """Fill `model`'s parameters (CPU, unsharded) from checkpoint `path`, in one process."""
     meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    banks = set(bank_param_names(model))
+    banks = set(expert_param_fqns(model))
     plain: dict[str, torch.Tensor] = {}
     experts: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():

@@ -1,20 +1,60 @@
-"""What every strategy hands the trainer: a model ready to train, and its accounting."""
+"""What every strategy hands the trainer: a model ready to train, and its local accounting.
+
+[Note: the strategy interface]
+A strategy is built by `fssdp.parallelize` (structure only: it may run on a meta-device model),
+then the trainer calls:
+- `materialize(device, seed)`: allocate what this rank holds and initialise it (world-size
+  invariant: models/common/init.py), then finish wrappers that need values (DDP);
+- `attach(opt)`: the optimizer exists; the strategy's end of step becomes its step post-hook;
+- per step: `module(...)` forward, backward, `finish_backward()`, `clip_grad_norm_(max)`,
+  `opt.step()` (runs `end_step()`), `opt.zero_grad()`;
+- `local_metrics()`: this rank's figures of the finished step, no collective (the trainer
+  gathers every rank's at once);
+- `checkpoint`: the state-dict adapter of the shared layout (fssdp/checkpoint.py).
+Nothing here hides a collective behind a getter: `clip_grad_norm_`, `finish_backward` and
+`end_step` are the methods that communicate, and say so.
+"""
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
+from collectives.comm import backend_device
+from collectives.placement import Topology
+from fssdp.checkpoint import ExpertStateDict
+from fssdp.config import ParallelConfig
+from fssdp.dense import local_slices
 from fssdp.phases import NULL_TIMER, PhaseTimer, time_backward_chain
-from fssdp.strategies.state import layout_state_dict, load_layout
 from models.common.experts import ExpertBank
 
 
 def _local(t: Tensor) -> Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _bytes(t: Tensor) -> int:
+    return _local(t).numel() * t.element_size()
+
+
+@dataclass
+class LocalMetrics:
+    """This rank's figures of the finished step; the trainer gathers every rank's once."""
+
+    comm_bytes: dict[str, float] = field(default_factory=dict)  # sent by this rank, by kind
+    expert_time_s: float = 0.0  # expert compute (forward), all banks
+    rows_computed: int = 0  # rows this rank's expert compute processed (ep, fssdp)
+    state_bytes: int = 0  # parameters + gradients + optimizer state + replica capacity
+    # Replicas per expert per bank of the placement the step ran with (identical on every
+    # rank, so not gathered); None for strategies that never replicate.
+    replicas: dict[str, list[int]] | None = None
 
 
 class LocalTimer:
@@ -43,84 +83,163 @@ class LocalTimer:
 
 
 class Parallelized:
-    """A model prepared for one strategy. Subclasses override the parts they change.
+    """A model prepared for one strategy ([Note: the strategy interface]). This base runs
+    everything on one process (`parallel=none`); subclasses override the parts they change."""
 
-    Per step the trainer calls `module(...)` (forward), `finish_backward()` after backward,
-    `clip_grad_norm_()`, `optimizer_step(opt)`, then `opt.zero_grad()`.
-    """
+    name: ClassVar[str] = "none"
 
-    name = "none"
-
-    def __init__(self, model: nn.Module, module: nn.Module | None = None) -> None:
+    def __init__(self, model: nn.Module, cfg: ParallelConfig, topology: Topology) -> None:
         # The unwrapped model: its FQNs name parameters in checkpoints and metrics.
         self.model = model
         # What the forward calls (a DDP wrapper, or the model itself).
-        self.module = module if module is not None else model
+        self.module: nn.Module = model
+        self.cfg, self.topology = cfg, topology
+        self.world = topology.world_size
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.banks = {m.bank_name: m for m in model.modules() if isinstance(m, ExpertBank)}
         # Banks that run here with their own weights get a timing executor, so every strategy
         # reports expert compute time (and with it the straggler ratio).
         self._timer = LocalTimer()
-        for mod in model.modules():
-            if isinstance(mod, ExpertBank) and mod.executor is None:
-                mod.executor = self._timer
+        for bank in self.banks.values():
+            if bank.executor is None:
+                bank.executor = self._timer
+        fqns = [
+            f"{b}.{n}" for b, m in self.banks.items() for n, _ in m.named_parameters(recurse=False)
+        ]
+        self.checkpoint = ExpertStateDict(model, fqns, self.expert_rows)
+        self.opt: torch.optim.Optimizer | None = None
+        self._last: LocalMetrics | None = None  # the finished step's figures
+        self.phases: PhaseTimer = NULL_TIMER  # the trainer's phase timer, once instrumented
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def materialize(self, device: torch.device, seed: int | None) -> None:
+        """Allocate what this rank holds (a meta-device build) and initialise it from `seed`
+        (None: keep the values of an already materialised model)."""
+        if any(p.is_meta for p in self.model.parameters()):
+            self.model.to_empty(device=device)
+            if seed is None:
+                raise ValueError("a meta-device model needs a seed to be initialised")
+        else:
+            self.model.to(device)
+        if seed is not None:
+            from models.common.init import init_weights
+
+            init_weights(self.model, seed, write=self.write_full, expert_rows=self.init_rows)
+        self._after_materialize()
+
+    def _after_materialize(self) -> None:
+        """Wrappers that need values (DDP), buffers, measurements."""
+
+    def attach(self, opt: torch.optim.Optimizer) -> None:
+        self.opt = opt
+        opt.register_step_post_hook(lambda *_: self.end_step())
 
     def named_optimizer_params(self) -> list[tuple[str, nn.Parameter]]:
-        """Parameters the trainer's (dense) optimizer steps."""
+        """Parameters the trainer's optimizer steps (experts included, under their FQNs)."""
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
-    def set_phase_timer(self, timer: PhaseTimer) -> None:
+    # -- init hooks (models/common/init.py) ---------------------------------------------------
+    @torch.no_grad()
+    def write_full(self, dst: Tensor, full: Tensor) -> None:
+        """Copy the part of a full-size CPU tensor that this rank holds into `dst`."""
+        if isinstance(dst, DTensor):
+            dst.to_local().copy_(full[local_slices(dst)])
+        else:
+            dst.copy_(full)
+
+    def init_rows(self, bank: ExpertBank) -> tuple[dict[str, Tensor], Sequence[int]]:
+        rows = {n: self.local_rows(p) for n, p in bank.named_parameters(recurse=False)}
+        return rows, self.expert_ids(bank)
+
+    def expert_rows(self, fqn: str, t: Tensor) -> tuple[Tensor, Sequence[int]]:
+        """The rows of a stacked bank tensor (parameter or per-row state) this rank holds, and
+        their global expert ids (the checkpoint adapter's view)."""
+        return self.local_rows(t), self.expert_ids(self.banks[fqn.rsplit(".", 1)[0]])
+
+    def local_rows(self, t: Tensor) -> Tensor:
+        return _local(t)
+
+    def expert_ids(self, bank: ExpertBank) -> Sequence[int]:
+        """Global ids of the rows this rank holds of `bank`'s stacked parameters."""
+        return bank.expert_ids if bank.expert_ids is not None else range(bank.num_experts)
+
+    # -- the step -----------------------------------------------------------------------------
+    def finish_backward(self) -> None:
+        """Complete gradient synchronisation that backward left in flight (collectives)."""
+
+    def sharded_params(self) -> list[Tensor]:
+        """Plain (non-DTensor) parameters whose rows differ per rank: their gradient norm is
+        summed over ranks in `clip_grad_norm_`."""
+        return []
+
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """Clip every gradient to a global norm of max_norm; return the norm (collective)."""
+        sharded = {id(p) for p in self.sharded_params()}
+        params = [p for _, p in self.named_optimizer_params()]
+        dense = [p.grad for p in params if p.grad is not None and id(p) not in sharded]
+        own = [p.grad for p in params if p.grad is not None and id(p) in sharded]
+        sq = torch.zeros((), dtype=torch.float64)
+        if dense:
+            norm = torch.nn.utils.get_total_norm(dense)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            sq += float(norm) ** 2
+        if sharded:
+            mine = sum((g.double().pow(2).sum() for g in own), torch.zeros((), dtype=torch.float64))
+            mine = mine.to(backend_device())
+            if self.world > 1:
+                dist.all_reduce(mine)
+            sq += float(mine)
+        total = sq.sqrt()
+        for group in ([p for p in params if id(p) not in sharded], self.sharded_params()):
+            if group:  # apart: foreach kernels refuse a mix of DTensors and plain tensors
+                torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+        return total
+
+    def end_step(self) -> None:
+        """After the optimizer step (its post-hook): close the step's counters."""
+        self._last = self.collect_step()
+
+    def collect_step(self) -> LocalMetrics:
+        """This step's figures; resets the per-step counters."""
+        self._timer.end_step()
+        return LocalMetrics(
+            comm_bytes={"spag": 0, "sprs": 0, "a2a": 0, "dense": 0},
+            expert_time_s=self._timer.last_s,
+        )
+
+    # -- accounting ---------------------------------------------------------------------------
+    def instrument(self, timer: PhaseTimer) -> None:
         """Record phase spans (fssdp/phases.py) into `timer`: the banks' executors report to it."""
+        self.phases = timer
         self._timer.phases = timer
+
+    def local_metrics(self) -> LocalMetrics:
+        """The finished step's figures on this rank (no collective)."""
+        last = self._last if self._last is not None else LocalMetrics()
+        last.state_bytes = self.state_bytes()
+        return last
+
+    def state_bytes(self) -> int:
+        """Bytes of parameters + gradients + optimizer state this rank holds (+ replicas)."""
+        total = sum(2 * _bytes(p) for _, p in self.named_optimizer_params())
+        if self.opt is not None:
+            for st in self.opt.state.values():
+                total += sum(_bytes(v) for v in st.values() if isinstance(v, Tensor) and v.ndim)
+        return total
 
     def expert_bytes(self) -> dict[str, int]:
         """Bytes of one expert of each bank (its parameters), by bank name."""
         return {
-            m.bank_name: sum(
-                p.numel() // max(1, p.shape[0]) * p.element_size()
-                for p in m.parameters(recurse=False)
-            )
-            for m in self.model.modules()
-            if isinstance(m, ExpertBank)
+            name: sum(_prod(p.shape[1:]) * p.element_size() for p in b.parameters(recurse=False))
+            for name, b in self.banks.items()
         }
 
-    def finish_backward(self) -> None:
-        """Complete gradient synchronisation that backward left in flight."""
+    def describe(self) -> dict[str, Any]:
+        return {"strategy": self.name, "world": self.world}
 
-    def clip_grad_norm_(self, max_norm: float) -> Tensor:
-        params = [p for _, p in self.named_optimizer_params()]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
-    def optimizer_step(self, opt: torch.optim.Optimizer) -> None:
-        opt.step()
-        self._timer.end_step()
-
-    def comm_bytes(self) -> dict[str, int]:
-        """Bytes sent this step, summed over ranks, by collective."""
-        return {"spag": 0, "sprs": 0, "a2a": 0, "dense": 0}
-
-    def expert_time_s(self) -> float | None:
-        """Seconds this rank spent in expert compute (forward) in the last step."""
-        return self._timer.last_s
-
-    def placements(self) -> dict[str, list[int]] | None:
-        """Replicas per expert of each bank (strategies that replicate experts)."""
-        return None
-
-    # -- checkpoints -------------------------------------------------------------------------
-    def state_dict(self, opt: torch.optim.Optimizer) -> dict[str, Any]:
-        """The shared layout ([Note: checkpoint layout] in fssdp/strategies/state.py)."""
-        return layout_state_dict(self.model, opt)
-
-    def load_state_dict(self, sd: dict[str, Any], opt: torch.optim.Optimizer) -> None:
-        load_layout(self.model, opt, sd)
-
-    def state_bytes(self, opt: torch.optim.Optimizer) -> int:
-        """Bytes of parameters + gradients + optimizer state this rank holds."""
-        total = 0
-        for _, p in self.named_optimizer_params():
-            total += 2 * _local(p).numel() * p.element_size()  # parameter + gradient buffer
-        for st in opt.state.values():
-            for v in st.values():
-                if isinstance(v, Tensor) and v.ndim > 0:
-                    total += _local(v).numel() * v.element_size()
-        return total
+def _prod(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fssdp.strategies.base import Parallelized
+from collectives.placement import Topology
+from fssdp.config import ParallelConfig
+from fssdp.strategies.base import LocalMetrics, Parallelized, _bytes
+from fssdp.strategies.registry import register
 
 
+@register("ddp")
 class DDPParallel(Parallelized):
-    name = "ddp"
+    def __init__(
+        self, model: nn.Module, cfg: ParallelConfig, topology: Topology, units: list[nn.Module]
+    ) -> None:
+        super().__init__(model, cfg, topology)
 
-    def __init__(self, model: nn.Module) -> None:
+    def _after_materialize(self) -> None:
         # Experts that receive no tokens on a rank get no gradient there: DDP must look for
         # unused parameters every step rather than hang waiting for them.
-        ddp = DistributedDataParallel(model, find_unused_parameters=True)
-        super().__init__(model, ddp)
-        self._grad_bytes = sum(
-            p.numel() * p.element_size() for _, p in self.named_optimizer_params()
-        )
+        self.module = DistributedDataParallel(self.model, find_unused_parameters=True)
 
-    def comm_bytes(self) -> dict[str, int]:
-        w = dist.get_world_size()
+    def collect_step(self) -> LocalMetrics:
+        out = super().collect_step()
+        grad_bytes = sum(_bytes(p) for _, p in self.named_optimizer_params())
         # Ring all-reduce: each rank sends 2(W−1)/W of the gradient bytes.
-        return {"spag": 0, "sprs": 0, "a2a": 0, "dense": 2 * (w - 1) * self._grad_bytes}
+        out.comm_bytes["dense"] = 2 * (self.world - 1) / self.world * grad_bytes
+        return out

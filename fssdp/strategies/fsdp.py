@@ -2,41 +2,46 @@
 
 from __future__ import annotations
 
-import torch.distributed as dist
-from torch import nn
+from collections.abc import Sequence
 
-from fssdp.dense import shard_dense
-from fssdp.strategies.base import Parallelized
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from collectives.placement import Topology
+from fssdp.config import ParallelConfig
+from fssdp.dense import local_slices, shard_dense
+from fssdp.strategies.base import LocalMetrics, Parallelized
+from fssdp.strategies.registry import register
 from models.common.experts import ExpertBank
 
 
+@register("fsdp")
 class FSDPParallel(Parallelized):
-    name = "fsdp"
-
-    def __init__(self, model: nn.Module) -> None:
-        w = dist.get_world_size()
-        bank_params = {
-            id(p)
-            for m in model.modules()
-            if isinstance(m, ExpertBank)
-            for p in m.parameters(recurse=False)
+    def __init__(
+        self, model: nn.Module, cfg: ParallelConfig, topology: Topology, units: list[nn.Module]
+    ) -> None:
+        super().__init__(model, cfg, topology)
+        shard_dense(model, units)
+        self._bank_params = {
+            id(p) for b in self.banks.values() for p in b.parameters(recurse=False)
         }
-        elt = lambda p: p.numel() * p.element_size()  # noqa: E731
-        self._expert_bytes = sum(elt(p) for p in model.parameters() if id(p) in bank_params)
-        self._dense_bytes = sum(elt(p) for p in model.parameters() if id(p) not in bank_params)
-        self._w = w
-        super().__init__(shard_dense(model))
 
-    def comm_bytes(self) -> dict[str, int]:
-        # Each all-gather or reduce-scatter of B bytes sends (W−1)·B in total over the ranks;
-        # per step: all-gather in forward, again in backward (resharded after forward), and a
-        # reduce-scatter of the gradients.
-        per_op = self._w - 1
-        total = 3 * per_op * (self._expert_bytes + self._dense_bytes)
-        return {
-            "spag": 0,
-            "sprs": 0,
-            "a2a": 0,
-            "dense": total,
-            "fsdp_expert_gather": 2 * per_op * self._expert_bytes,
-        }
+    def expert_ids(self, bank: ExpertBank) -> Sequence[int]:
+        p = next(bank.parameters(recurse=False))
+        if not isinstance(p, DTensor):
+            return range(bank.num_experts)
+        rows = local_slices(p)[0]
+        return range(rows.start, rows.stop)
+
+    def collect_step(self) -> LocalMetrics:
+        out = super().collect_step()
+        params = [p for _, p in self.named_optimizer_params()]
+        full = lambda p: p.numel() * p.element_size()  # noqa: E731 - global bytes
+        experts = sum(full(p) for p in params if id(p) in self._bank_params)
+        dense = sum(full(p) for p in params if id(p) not in self._bank_params)
+        share = (self.world - 1) / self.world
+        # Per step: all-gather in forward, again in backward (resharded after forward), and a
+        # reduce-scatter of the gradients; each sends (W−1)/W of the bytes per rank.
+        out.comm_bytes["dense"] = 3 * share * (experts + dense)
+        out.comm_bytes["fsdp_expert_gather"] = 2 * share * experts
+        return out

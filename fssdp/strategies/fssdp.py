@@ -1,183 +1,110 @@
 """`parallel=fssdp`: experts sharded whole, hot experts materialised per step (DESIGN.md §2).
 
-Dense parameters go to FSDP2; every expert bank's parameters move into the per-rank
-`ExpertStore` (owned experts only) and the bank gets a `BankRuntime` executor.
+Dense parameters go to FSDP2; every bank keeps its owned rows as parameters, gets a placement
+policy (fssdp/policy.py), a replica state machine (fssdp/replicas.py) and an executor
+(fssdp/executor.py). The end of a step (the optimizer's post-hook) feeds every policy the
+step's global load and, when a policy plans ahead, the timings agreed over ranks; every K steps
+it re-shards ownership (fssdp/reshard.py).
 """
 
 from __future__ import annotations
 
-import math
 import time
-from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 from collectives.comm import backend_device
 from collectives.placement import Placement, Topology
 from collectives.sparse import sparse_all_gather
-from fssdp.config import PLAN_MODES, ParallelConfig
-from fssdp.dense import layers, shard_dense
-from fssdp.executor import BankRuntime, ExecOptions
-from fssdp.groups import side_groups
-from fssdp.layout import ExpertLayout
-from fssdp.phases import NULL_TIMER, PhaseTimer
-from fssdp.planner import LoadEstimator, overlap_degree, plan_placement
+from fssdp.config import ParallelConfig
+from fssdp.executor import BankStep, FSSDPExecutor
+from fssdp.expert_params import RowLayout
+from fssdp.phases import PhaseTimer
+from fssdp.planner import LoadEstimator
+from fssdp.policy import (
+    AgreedTiming,
+    CalibratePolicy,
+    ExactPolicy,
+    PlacementPolicy,
+    PredictPolicy,
+)
+from fssdp.replicas import Replicas
+from fssdp.reshard import reshard_bank
 from fssdp.sharding import balanced_uniform_sharding, heterogeneous_sharding
-from fssdp.store import ExpertStore
-from fssdp.strategies.base import Parallelized
-from fssdp.strategies.state import layout_state_dict, load_layout
+from fssdp.strategies.base import LocalMetrics
+from fssdp.strategies.registry import register
+from fssdp.strategies.sharded import ExpertSharded
 from models.common.experts import ExpertBank
 
 
-class FSSDPParallel(Parallelized):
-    name = "fssdp"
-    # EP is this strategy with no replicas, static owners and no re-sharding.
-    replicate = True
-
-    def __init__(self, model: nn.Module, cfg: ParallelConfig, ranks_per_node: int) -> None:
-        if cfg.plan_mode not in PLAN_MODES:
-            raise ValueError(f"parallel.plan_mode={cfg.plan_mode!r}: use one of {PLAN_MODES}")
-        self.cfg = cfg
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.topology = Topology(self.world, ranks_per_node)
-        # Sparse collectives and token dispatch get groups of their own
-        # ([Note: three process groups] in fssdp/executor.py).
-        self.sparse_group, self.dispatch_group = side_groups()
-        banks = [m for m in model.modules() if isinstance(m, ExpertBank)]
-        if not banks:
-            raise ValueError(f"parallel={self.name}: the model has no expert bank")
-        self.store = ExpertStore(self.rank, self.world, self.sparse_group)
-        owners = self.initial_owners({b.bank_name: b.num_experts for b in banks})
-        opts = ExecOptions(
-            plan_mode=cfg.plan_mode if self.replicate else "predict",
-            memory_cap=cfg.memory_cap if self.replicate else 0,
-            rematerialize=cfg.rematerialize,
-            algorithm=cfg.collective_algorithm,
-            timeout_s=cfg.timeout_s,
-        )
-        self.runtimes: dict[str, BankRuntime] = {}
-        self.estimators: dict[str, LoadEstimator] = {}
-        for bank in banks:
-            self._take_bank(bank, owners[bank.bank_name], opts)
-        self._prefetch_hooks(model, banks)
-        self._dense_param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        super().__init__(shard_dense(model))
-        self._last: dict[str, Any] = {}  # the finished step's figures, for metrics
-        self._phases: PhaseTimer = NULL_TIMER
-        # Sparse-transfer bandwidth (bytes/s), measured once and agreed over ranks.
-        self.bandwidth = self._measure_bandwidth()
-        for rt in self.runtimes.values():
-            rt.bandwidth = self.bandwidth
+@register("fssdp")
+class FSSDPParallel(ExpertSharded):
+    def __init__(
+        self, model: nn.Module, cfg: ParallelConfig, topology: Topology, units: list[nn.Module]
+    ) -> None:
+        banks = {m.bank_name: m.num_experts for m in model.modules() if isinstance(m, ExpertBank)}
+        super().__init__(model, cfg, topology, units, balanced_uniform_sharding(banks, topology))
+        self.layouts = {name: RowLayout.of(bank) for name, bank in self.banks.items()}
+        self.bandwidth = 1e9  # sparse-transfer bytes/s, measured in _after_materialize
+        self.policies = {name: self._policy(name) for name in self.banks}
+        # Global load per bank over the last steps: the input of re-sharding (all modes).
+        self.load = {
+            name: LoadEstimator(bank.num_experts, cfg.load_window)
+            for name, bank in self.banks.items()
+        }
+        self.executors: dict[str, FSSDPExecutor] = {}
+        for name, bank in self.banks.items():
+            replicas = Replicas(
+                self.layouts[name],
+                lambda b=bank: dict(b.named_parameters(recurse=False)),
+                topology,
+                self.rank,
+                self.sparse_group,
+                cfg.collective_algorithm,
+                cfg.timeout_s,
+                name,
+            )
+            ex = FSSDPExecutor(
+                bank, self.policies[name], replicas, self.exchanges[name], cfg.rematerialize
+            )
+            self.executors[name] = bank.executor = ex
+        self._prefetch_hooks(units)
         self.steps_done = 0
 
-    # -- set-up ------------------------------------------------------------------------------
-    def initial_owners(self, banks: dict[str, int]) -> dict[str, list[int]]:
-        return balanced_uniform_sharding(banks, self.topology)
-
-    def _take_bank(self, bank: ExpertBank, owner: list[int], opts: ExecOptions) -> None:
-        layout = ExpertLayout.of(bank)
-        with torch.no_grad():
-            full_ES = layout.flatten(bank.stacked())
-        shard = self.store.add_bank(layout, full_ES, Placement.from_owners(owner, self.world))
-        for name in layout.names:  # the bank keeps no weights: the store owns them now
-            delattr(bank, name)
-        runtime = BankRuntime(
-            shard, self.topology, opts, self.rank, self.sparse_group, self.dispatch_group
+    def _policy(self, name: str) -> PlacementPolicy:
+        cfg, own = self.cfg, Placement.from_owners(self.owner[name], self.world)
+        if cfg.plan_mode == "exact":
+            return ExactPolicy(own, self.topology, cfg.memory_cap)
+        cls = PredictPolicy if cfg.plan_mode == "predict" else CalibratePolicy
+        return cls(
+            own,
+            self.topology,
+            cfg.memory_cap,
+            cfg.load_window,
+            cfg.overlap_degree,
+            self.layouts[name].row_bytes(),
+            self.bandwidth,
         )
-        bank.executor = runtime
-        self.runtimes[layout.bank_name] = runtime
-        self.estimators[layout.bank_name] = LoadEstimator(bank.num_experts, self.cfg.load_window)
 
-    def _prefetch_hooks(self, model: nn.Module, banks: list[ExpertBank]) -> None:
-        """Issue each bank's spAG when its layer starts, so it overlaps the layer's dense work."""
-        for layer in layers(model):
+    def _prefetch_hooks(self, units: list[nn.Module]) -> None:
+        """Issue each bank's spAG when its unit starts, so it overlaps the unit's dense work."""
+        if not any(p.prefetches for p in self.policies.values()):
+            return
+        for unit in units:
             inside = [
-                self.runtimes[b.bank_name] for b in banks if any(b is m for m in layer.modules())
+                ex for ex in self.executors.values() if any(ex.bank is m for m in unit.modules())
             ]
             if inside:
-                layer.register_forward_pre_hook(lambda mod, args, rts=inside: _prefetch(rts))
+                unit.register_forward_pre_hook(lambda mod, args, exs=inside: _prefetch(exs))
 
-    # -- the step ----------------------------------------------------------------------------
-    def finish_backward(self) -> None:
-        for rt in self.runtimes.values():
-            rt.finish()
-
-    def clip_grad_norm_(self, max_norm: float) -> Tensor:
-        dense = [p.grad for _, p in self.named_optimizer_params() if p.grad is not None]
-        dense_norm = torch.nn.utils.get_total_norm(dense) if dense else torch.zeros(())
-        if hasattr(dense_norm, "full_tensor"):
-            dense_norm = dense_norm.full_tensor()
-        expert_sq = self.store.grad_sq_norm().to(backend_device())  # NCCL: on the GPU
-        if self.world > 1:
-            dist.all_reduce(expert_sq)
-        total = math.sqrt(float(dense_norm) ** 2 + float(expert_sq))
-        coef = min(1.0, max_norm / (total + 1e-6))
-        if coef < 1.0:
-            torch.nn.utils.clip_grads_with_norm_(
-                [p for _, p in self.named_optimizer_params()],
-                max_norm,
-                torch.tensor(total, dtype=torch.float64),
-            )
-            self.store.scale_grads(coef)
-        return torch.tensor(total)
-
-    def optimizer_step(self, opt: torch.optim.Optimizer) -> None:
-        opt.step()
-        self.store.adamw_step(opt.param_groups[0])
-        self.store.zero_grad()
-        self.steps_done += 1
-        with self._phases.phase("plan"):
-            self._end_step()
-
-    def _end_step(self) -> None:
-        stats = {name: rt.end_step() for name, rt in self.runtimes.items()}
-        self._last = {"stats": stats}
-        for name, st in stats.items():
-            if st.counts_E is not None:
-                self.estimators[name].update(st.counts_E.tolist())
-        # Timings feed predict/calibrate planning and re-sharding's set-aside degree only;
-        # exact mode measures no overlap (nothing is prefetched) and EP plans nothing.
-        planning = self.replicate and self.cfg.plan_mode != "exact"
-        overlap = self._agree_timing(stats) if planning else 0.0
-        if (
-            self.replicate
-            and self.cfg.reshard_every
-            and (self.steps_done % self.cfg.reshard_every == 0)
-        ):
-            self._reshard(overlap, self.bandwidth)
-        if planning:  # exact mode plans inside the step
-            for name, rt in self.runtimes.items():
-                rt.next_placement = plan_placement(
-                    self.estimators[name].estimate(),
-                    rt.shard.ownership,
-                    self.topology,
-                    self._degree(rt, overlap, self.bandwidth),
-                    self.cfg.memory_cap,
-                )
-
-    def _agree_timing(self, stats: dict[str, Any]) -> float:
-        """Overlap time (returned) and per-bank compute time per row (set on the runtimes),
-        the same on every rank: the planner runs on every rank and must reach the same
-        placement (max over ranks: plan for the slowest)."""
-        overlap = [st.overlap_s for st in stats.values() if st.overlap_s > 0]
-        per_row = [
-            st.expert_time_s / st.rows_computed if st.rows_computed else 0.0
-            for st in stats.values()
-        ]
-        t = torch.tensor(
-            [min(overlap) if overlap else 0.0, *per_row],
-            dtype=torch.float64,
-            device=backend_device(),
-        )
-        if self.world > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        t = t.cpu()
-        for rt, row_s in zip(self.runtimes.values(), t[1:].tolist()):
-            if row_s > 0:
-                rt.time_per_row_s = row_s
-        return t[0].item()
+    def _after_materialize(self) -> None:
+        if any(p.prefetches for p in self.policies.values()) and self.world > 1:
+            self.bandwidth = self._measure_bandwidth()
+            for policy in self.policies.values():
+                if isinstance(policy, PredictPolicy):
+                    policy.bandwidth = self.bandwidth
 
     def _measure_bandwidth(self) -> float:
         """Bytes/s of a synchronous sparse all-gather (each expert of the largest bank to the
@@ -189,17 +116,16 @@ class FSSDPParallel(Parallelized):
         bandwidth derived from it shrinks the overlap degree, which shrinks the next transfer,
         and the planner collapses to no replicas. A synchronous transfer measures the link.
         """
-        if self.world == 1:
-            return 1e9
-        rt = max(self.runtimes.values(), key=lambda r: r.shard.layout.row_bytes())
-        own = rt.shard.ownership
+        name = max(self.layouts, key=lambda n: self.layouts[n].row_bytes())
+        own = self.policies[name].ownership
         target = own.with_replicas(
             {e: [(own.owner[e] + 1) % self.world] for e in range(own.num_experts)}
         )
+        rows = self.layouts[name].pack(dict(self.banks[name].named_parameters(recurse=False)))
         dist.barrier(group=self.sparse_group)
         t0 = time.perf_counter()
         _, st = sparse_all_gather(
-            rt.shard.rows_OS,
+            rows.detach(),
             own,
             target,
             self.sparse_group,
@@ -214,109 +140,95 @@ class FSSDPParallel(Parallelized):
         dist.all_reduce(bw, op=dist.ReduceOp.MIN)
         return max(float(bw.item()), 1.0)
 
-    def _degree(self, rt: BankRuntime, overlap_s: float, bandwidth: float) -> int:
-        if self.cfg.overlap_degree >= 0:
-            return self.cfg.overlap_degree
-        if overlap_s <= 0:  # nothing measured yet: as many as memory allows
-            return self.cfg.memory_cap
-        return overlap_degree(
-            overlap_s, bandwidth, rt.shard.layout.row_bytes(), rt.shard.layout.num_experts
+    # -- the step -----------------------------------------------------------------------------
+    def finish_backward(self) -> None:
+        for ex in self.executors.values():
+            ex.finish(self.world)
+
+    def end_step(self) -> None:
+        """The optimizer's post-hook: close the step, feed the policies, maybe re-shard."""
+        with self.phases.phase("plan"):
+            steps = {name: ex.end_step() for name, ex in self.executors.items()}
+            self._last = self._metrics(steps)
+            self.steps_done += 1
+            timing = self._agree_timing(steps)
+            for name, st in steps.items():
+                if st.counts_E is not None:
+                    self.load[name].update(st.counts_E.tolist())
+            if self.cfg.reshard_every and self.steps_done % self.cfg.reshard_every == 0:
+                self._reshard()
+            for name, st in steps.items():
+                self.policies[name].end_step(st.counts_E, timing.get(name, AgreedTiming()))
+
+    def _agree_timing(self, steps: dict[str, BankStep]) -> dict[str, AgreedTiming]:
+        """Overlap time and compute time per row per bank, the same on every rank: the
+        planner runs on every rank and must reach the same placement (max over ranks: plan for
+        the slowest). Only policies that plan ahead read them; exact mode skips the all-reduce.
+        """
+        names = [n for n, p in self.policies.items() if p.prefetches]
+        if not names:
+            return {}
+        overlap = [steps[n].overlap_s for n in names if steps[n].overlap_s > 0]
+        per_row = [
+            steps[n].expert_time_s / steps[n].rows_computed if steps[n].rows_computed else 0.0
+            for n in names
+        ]
+        t = torch.tensor(
+            [min(overlap) if overlap else 0.0, *per_row],
+            dtype=torch.float64,
+            device=backend_device(),
         )
-
-    def _reshard(self, overlap_s: float, bandwidth: float) -> None:
-        loads = {n: est.estimate() for n, est in self.estimators.items()}
-        aside = {n: self._degree(rt, overlap_s, bandwidth) for n, rt in self.runtimes.items()}
-        owners = heterogeneous_sharding(loads, self.topology, aside)
-        self.store.reshard(owners)
-        self._last["resharded"] = True
-
-    # -- accounting --------------------------------------------------------------------------
-    def set_phase_timer(self, timer: PhaseTimer) -> None:
-        super().set_phase_timer(timer)
-        self._phases = timer
-        for rt in self.runtimes.values():
-            rt.phases = timer
-
-    def expert_bytes(self) -> dict[str, int]:
-        return {n: rt.shard.layout.row_bytes() for n, rt in self.runtimes.items()}
-
-    def comm_bytes(self) -> dict[str, int]:
-        stats = self._last.get("stats", {})
-        keys = ("spag", "sprs", "a2a")
-        mine = [sum(st.bytes[k] for st in stats.values()) for k in keys]
-        t = torch.tensor(mine, dtype=torch.float64, device=backend_device())
         if self.world > 1:
-            dist.all_reduce(t)
-        out = {k: int(v) for k, v in zip(keys, t.cpu().tolist())}
-        # FSDP2 on the dense parameters: all-gather forward and backward, reduce-scatter.
-        out["dense"] = 3 * (self.world - 1) * self._dense_param_bytes
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        vals = t.cpu().tolist()
+        return {n: AgreedTiming(vals[0], row_s) for n, row_s in zip(names, vals[1:])}
+
+    def _reshard(self) -> None:
+        aside = {
+            n: p.degree() if isinstance(p, PredictPolicy) else self.cfg.memory_cap
+            for n, p in self.policies.items()
+        }
+        loads = {n: est.estimate() for n, est in self.load.items()}
+        new_owner = heterogeneous_sharding(loads, self.topology, aside)
+        for name, owners in new_owner.items():
+            if owners == self.owner[name]:
+                continue
+            reshard_bank(
+                self.banks[name],
+                self.opt,
+                Placement.from_owners(self.owner[name], self.world),
+                Placement.from_owners(owners, self.world),
+                self.sparse_group,
+                self.cfg.timeout_s,
+            )
+            self.owner[name] = owners
+            self.policies[name].set_ownership(Placement.from_owners(owners, self.world))
+
+    # -- accounting ---------------------------------------------------------------------------
+    def instrument(self, timer: PhaseTimer) -> None:
+        super().instrument(timer)
+        for ex in self.executors.values():
+            ex.replicas.phases = timer
+
+    def _metrics(self, steps: dict[str, BankStep]) -> LocalMetrics:
+        out = super().collect_step()
+        for key in ("spag", "sprs", "a2a"):
+            out.comm_bytes[key] = sum(st.bytes[key] for st in steps.values())
+        out.expert_time_s = sum(st.expert_time_s for st in steps.values())
+        out.rows_computed = sum(st.rows_computed for st in steps.values())
+        out.replicas = {
+            name: (st.placement or self.policies[name].ownership).num_replicas()
+            for name, st in steps.items()
+        }
         return out
 
-    def expert_time_s(self) -> float | None:
-        stats = self._last.get("stats", {})
-        return sum(st.expert_time_s for st in stats.values())
-
-    def rows_computed(self) -> int:
-        """Rows this rank's expert compute processed in the last step (all banks)."""
-        return sum(st.rows_computed for st in self._last.get("stats", {}).values())
-
-    def placements(self) -> dict[str, list[int]] | None:
-        """Replicas per expert of the placement each bank ran with in the finished step (logged;
-        in exact mode it is planned inside the step, so the next step's plan would not show it)."""
-        stats = self._last.get("stats", {})
-        out = {}
-        for name, rt in self.runtimes.items():
-            st = stats.get(name)
-            used = st.placement if st is not None and st.placement is not None else None
-            out[name] = (used or rt.shard.ownership).num_replicas()
-        return out
-
-    def state_bytes(self, opt: torch.optim.Optimizer) -> int:
-        return super().state_bytes(opt) + self.store.state_bytes()
-
-    # -- checkpoints -------------------------------------------------------------------------
-    def state_dict(self, opt: torch.optim.Optimizer) -> dict[str, Any]:
-        # The store's experts already use the shared layout (fssdp/strategies/state.py).
-        return layout_state_dict(self.model, opt, self.store.state_dict())
-
-    def load_state_dict(self, sd: dict[str, Any], opt: torch.optim.Optimizer) -> None:
-        load_layout(self.model, opt, sd)
-        self.store.load_state_dict(sd["experts"])
-
-    # -- tests and tools ---------------------------------------------------------------------
-    def full_grads(self) -> dict[str, Tensor]:
-        """Every gradient as a full tensor named like the unsharded model's parameters."""
-        out = {}
-        for name, p in self.model.named_parameters():
-            g = p.grad
-            if g is not None and hasattr(g, "full_tensor"):
-                g = g.full_tensor()
-            full = p.full_tensor() if hasattr(p, "full_tensor") else p
-            out[name] = torch.zeros_like(full) if g is None else g.detach().clone()
-        for bank_name, rt in self.runtimes.items():
-            s = rt.shard
-            full_ES = torch.zeros(s.layout.num_experts, s.layout.numel, dtype=s.rows_OS.dtype)
-            if s.grad_OS is not None:
-                full_ES[torch.tensor(s.owned(self.rank), dtype=torch.long)] = s.grad_OS.cpu()
-            if self.world > 1:
-                dist.all_reduce(full_ES)
-            for pname, view in s.layout.views(full_ES).items():
-                out[f"{bank_name}.{pname}"] = view.clone()
-        return {k: out[k] for k in sorted(out)}
+    def state_bytes(self) -> int:
+        """Parameters, gradients and optimizer state, plus the replica capacity (values and
+        gradients of `memory_cap` experts per bank)."""
+        cap = 2 * self.cfg.memory_cap * sum(lay.row_bytes() for lay in self.layouts.values())
+        return super().state_bytes() + cap
 
 
-def _prefetch(runtimes: list[BankRuntime]) -> None:
-    for rt in runtimes:
-        rt.prefetch()
-
-
-class EPParallel(FSSDPParallel):
-    """`parallel=ep`: static owners (contiguous blocks), tokens go to owners by all-to-all."""
-
-    name = "ep"
-    replicate = False
-
-    def initial_owners(self, banks: dict[str, int]) -> dict[str, list[int]]:
-        from fssdp.sharding import contiguous_sharding
-
-        return {name: contiguous_sharding(n, self.world) for name, n in banks.items()}
+def _prefetch(executors: list[FSSDPExecutor]) -> None:
+    for ex in executors:
+        ex.prefetch()

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from launch.dist import all_gather_floats
+from launch.gather import all_gather_rows
 from tests.support.harness import run_distributed
 from tests.support.parity import train_capture
 
@@ -17,8 +17,12 @@ STEPS = 3
 
 def _probe(trainer: Any) -> dict[str, Any]:
     par = trainer.par
-    rows = par.rows_computed() if hasattr(par, "rows_computed") else 0
-    return {"rows": all_gather_floats(float(rows), trainer.info.device), "bytes": par.comm_bytes()}
+    m = par.local_metrics()
+    kinds = sorted(m.comm_bytes)
+    mine = [m.rows_computed, *(m.comm_bytes[k] for k in kinds)]
+    rows = all_gather_rows(mine, trainer.info.device)
+    total = {k: sum(r[1 + i] for r in rows) for i, k in enumerate(kinds)}
+    return {"rows": [r[0] for r in rows], "bytes": total}
 
 
 def _run(rank: int, world: int) -> dict[str, Any]:

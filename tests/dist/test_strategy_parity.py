@@ -82,9 +82,8 @@ def _strategies(rank: int, world: int) -> dict[str, Any]:
 
 def _probe(trainer: Any) -> dict[str, Any]:
     par = trainer.par
-    placements = par.placements() if hasattr(par, "placements") else None
-    owners = {n: list(rt.shard.ownership.owner) for n, rt in getattr(par, "runtimes", {}).items()}
-    return {"placements": placements, "owners": owners}
+    owners = {n: list(o) for n, o in getattr(par, "owner", {}).items()}
+    return {"placements": par.local_metrics().replicas, "owners": owners}
 
 
 @pytest.fixture(scope="module")

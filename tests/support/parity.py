@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from launch.build import build_trainer
 from launch.dist import DistInfo
 from launch.train import compose_config
+from models.common.experts import ExpertBank
 
 BASE = [
     "train.dtype=float64",
@@ -30,17 +31,28 @@ BASE = [
 
 
 def full_grads(par: Any) -> dict[str, torch.Tensor]:
-    """Every parameter's gradient as a full tensor (zeros where a parameter got none)."""
-    full = getattr(par, "full_grads", None)
-    if full is not None:  # strategies whose gradients are sharded know how to assemble them
-        return full()
+    """Every parameter's gradient as a full tensor (zeros where a parameter got none).
+
+    FSDP2's DTensors are assembled by `full_tensor()`; the sharded experts of ep/fssdp (rows of
+    the owned experts, `bank.expert_ids`) by summing zero-padded rows over ranks."""
+    banks = {m.bank_name: m for m in par.model.modules() if isinstance(m, ExpertBank)}
     out = {}
     for name, p in par.model.named_parameters():
         g = p.grad
+        bank = banks.get(name.rsplit(".", 1)[0])
+        if bank is not None and bank.expert_ids is not None:
+            full = torch.zeros(bank.num_experts, *p.shape[1:], dtype=p.dtype)
+            if g is not None:
+                full[torch.tensor(bank.expert_ids, dtype=torch.long)] = g.detach()
+            if dist.is_initialized():
+                dist.all_reduce(full)
+            out[name] = full
+            continue
         if g is not None and hasattr(g, "full_tensor"):
             g = g.full_tensor()
-        out[name] = torch.zeros_like(p) if g is None else g.detach().clone()
-    return out
+        shape = p.full_tensor().shape if hasattr(p, "full_tensor") else p.shape
+        out[name] = torch.zeros(shape, dtype=p.dtype) if g is None else g.detach().clone()
+    return {k: out[k] for k in sorted(out)}
 
 
 def train_capture(

@@ -1,0 +1,227 @@
+"""One bank's replicas through a step: gather, hold, free/refill, reduce (an explicit state
+machine, as FSDP2's `FSDPParamGroup` / `ShardedState`).
+
+Legend: O experts this rank owns, R replicas it holds this step, T = O + R, S elements per
+expert, W ranks.
+
+[Note: replica states]
+    IDLE --gather--> GATHERING --wait--> HELD --free--> FREED --refill--> HELD
+    HELD --(the replicas' last backward use)--> REDUCING --finish--> REDUCED --reset--> IDLE
+A step whose placement has no replica anywhere skips every transfer (`transfers` is False on
+every rank alike: placements are identical across ranks). The replicas are one leaf tensor
+`[R, S]` per step; every call's backward accumulates into its `.grad`, and autograd runs the
+leaf's accumulation once, after the bank's last backward use: its hook issues the spRS. Each
+call ties its output to the leaf (`fssdp.dispatch.Tie`), so the hook fires on every rank, even
+one that holds no replica or computes no row (the others wait in the collective otherwise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import Enum, auto
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from collectives.placement import Placement, Topology
+from collectives.sparse import SparseHandle, sparse_all_gather, sparse_reduce_scatter
+from fssdp.expert_params import RowLayout
+from fssdp.phases import NULL_TIMER, PhaseTimer
+
+
+class ReplicaState(Enum):
+    IDLE = auto()
+    GATHERING = auto()
+    HELD = auto()
+    FREED = auto()
+    REDUCING = auto()
+    REDUCED = auto()
+
+
+class Replicas:
+    """The replicas of one bank on this rank, and the collectives that move them."""
+
+    def __init__(
+        self,
+        layout: RowLayout,
+        owned: Callable[[], dict[str, Tensor]],
+        topology: Topology,
+        rank: int,
+        group: dist.ProcessGroup | None,
+        algorithm: str,
+        timeout_s: float,
+        name: str,
+    ) -> None:
+        self.layout, self.topology, self.rank, self.group = layout, topology, rank, group
+        self.algorithm, self.timeout_s, self.name = algorithm, timeout_s, name
+        # The bank's owned rows (its parameters), packed into spAG sources.
+        self.owned = owned
+        self.phases: PhaseTimer = NULL_TIMER  # the trainer's timer (timing points only)
+        self.bytes = {"spag": 0, "sprs": 0}  # sent this step, by collective
+        self.spag_bytes_recv = 0  # received this step (bandwidth estimates)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.state = ReplicaState.IDLE
+        self.placement: Placement | None = None  # this step's P1
+        self.ownership: Placement | None = None  # P0 at gather time
+        self.leaf: Tensor | None = None  # [R, S] replicas (a leaf when training)
+        self.ids: list[int] = []  # expert id of each replica row
+        self._pending: SparseHandle | None = None
+        self._reduce: SparseHandle | None = None
+
+    def _assert_in(self, *states: ReplicaState) -> None:
+        if self.state not in states:
+            raise AssertionError(
+                f"bank {self.name}: replicas in state {self.state.name}, expected "
+                f"{'/'.join(s.name for s in states)}"
+            )
+
+    @property
+    def transfers(self) -> bool:
+        """Whether this step's placement has any replica anywhere (the same on every rank)."""
+        return self.placement is not None and not self.placement.is_ownership_only()
+
+    # -- gather -------------------------------------------------------------------------------
+    def gather(self, ownership: Placement, placement: Placement) -> None:
+        """Issue the spAG of `placement` (async); owned rows are packed from the parameters."""
+        self._assert_in(ReplicaState.IDLE)
+        self.ownership, self.placement = ownership, placement
+        self.ids = [e for e in placement.held(self.rank) if ownership.owner[e] != self.rank]
+        self.state = ReplicaState.GATHERING
+        if not self.transfers:
+            return
+        with torch.no_grad():
+            owned_OS = self.layout.pack(self.owned())
+        self._pending = self._spag(owned_OS, ownership, placement, "spag")
+
+    def _spag(self, rows: Tensor, src: Placement, dst: Placement, what: str) -> SparseHandle:
+        handle = sparse_all_gather(
+            rows,
+            src,
+            dst,
+            self.group,
+            async_op=True,
+            algorithm=self.algorithm,
+            phase=f"{what} {self.name}",
+            timeout_s=self.timeout_s,
+            topology=self.topology,
+        )
+        assert isinstance(handle, SparseHandle)
+        self.bytes["spag"] += handle.stats.bytes_sent
+        self.spag_bytes_recv += handle.stats.bytes_recv
+        return handle
+
+    def wait(self, device: torch.device, training: bool) -> Tensor:
+        """The [R, S] replicas of this step (waiting for the spAG)."""
+        if self.state is ReplicaState.HELD:
+            assert self.leaf is not None
+            return self.leaf
+        if self.state is ReplicaState.FREED:
+            self.refill()
+            assert self.leaf is not None
+            return self.leaf
+        self._assert_in(ReplicaState.GATHERING)
+        assert self.placement is not None
+        if self._pending is None:
+            rows_RS = torch.empty(0, self.layout.numel, dtype=self.layout.dtype, device=device)
+        else:
+            held_TS = self._pending.wait()
+            self._pending = None
+            rows_RS = held_TS.index_select(0, self._replica_rows(device))
+        if training:
+            rows_RS.requires_grad_(True)
+            rows_RS.register_post_accumulate_grad_hook(self._start_reduce)
+        self.leaf = rows_RS
+        self.state = ReplicaState.HELD
+        return rows_RS
+
+    def _replica_rows(self, device: torch.device) -> Tensor:
+        """Positions of the replicas among this rank's held experts (spAG output order)."""
+        assert self.placement is not None
+        pos = {e: i for i, e in enumerate(self.placement.held(self.rank))}
+        return torch.tensor([pos[e] for e in self.ids], dtype=torch.long, device=device)
+
+    def extend(self, better: Placement, device: torch.device) -> Tensor:
+        """Calibration: gather the extra replicas of `better` ⊇ this step's placement now."""
+        self._assert_in(ReplicaState.HELD)
+        assert self.ownership is not None and self.leaf is not None
+        self.state, self.leaf, self.placement = ReplicaState.IDLE, None, None
+        self.gather(self.ownership, better)
+        return self.wait(device, training=True)
+
+    # -- rematerialisation --------------------------------------------------------------------
+    def free(self) -> None:
+        """Drop the replicas' storage; autograd's saved views keep the storage object, which
+        `refill` fills again before backward (no version bump: storage ops)."""
+        self._assert_in(ReplicaState.HELD)
+        if self.transfers:
+            assert self.leaf is not None
+            self.leaf.untyped_storage().resize_(0)
+            self.state = ReplicaState.FREED
+
+    def refill(self) -> None:
+        if self.state is not ReplicaState.FREED:
+            return
+        assert self.leaf is not None and self.placement is not None
+        assert self.ownership is not None
+        with self.phases.phase("spag"), torch.no_grad():
+            handle = self._spag(
+                self.layout.pack(self.owned()), self.ownership, self.placement,
+                "spag-rematerialize",
+            )
+            fresh = handle.wait().index_select(0, self._replica_rows(self.leaf.device))
+            storage = self.leaf.untyped_storage()
+            storage.resize_(fresh.untyped_storage().nbytes())
+            storage.copy_(fresh.untyped_storage())
+        self.state = ReplicaState.HELD
+
+    # -- reduce -------------------------------------------------------------------------------
+    def _start_reduce(self, leaf: Tensor) -> None:
+        """After the bank's last backward use: fold the replicas' gradients into the owners."""
+        self._assert_in(ReplicaState.HELD)
+        self.state = ReplicaState.REDUCING
+        if not self.transfers:
+            return
+        assert leaf.grad is not None and self.placement is not None and self.ownership is not None
+        with self.phases.phase("sprs"):
+            held_TS = leaf.grad.new_zeros(len(self.placement.held(self.rank)), self.layout.numel)
+            held_TS.index_copy_(0, self._replica_rows(leaf.device), leaf.grad)
+            self._reduce = sparse_reduce_scatter(
+                held_TS,
+                self.placement,
+                self.ownership,
+                self.group,
+                async_op=True,
+                algorithm=self.algorithm,
+                phase=f"sprs {self.name}",
+                timeout_s=self.timeout_s,
+                topology=self.topology,
+            )
+            self.bytes["sprs"] += self._reduce.stats.bytes_sent
+
+    def finish(self) -> Tensor | None:
+        """The replicas' gradients summed per owned expert, [O, S] (None: nothing to add)."""
+        if self.state is ReplicaState.IDLE:
+            return None
+        if self.state is ReplicaState.HELD and self.leaf is not None and self.leaf.requires_grad:
+            raise RuntimeError(
+                f"rank {self.rank}: bank {self.name} was used but its gradient reduce never "
+                "started (was backward run?)"
+            )
+        self._assert_in(ReplicaState.REDUCING, ReplicaState.HELD)
+        out = None
+        if self._reduce is not None:
+            with self.phases.phase("sprs"):
+                out = self._reduce.wait()
+        self.state = ReplicaState.REDUCED
+        return out
+
+    def end_step(self) -> Placement | None:
+        """Reset for the next step; the placement this step ran with."""
+        used = self.placement
+        self._reset()
+        self.bytes = {"spag": 0, "sprs": 0}
+        self.spag_bytes_recv = 0
+        return used
