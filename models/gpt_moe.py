@@ -1,5 +1,11 @@
 """GPT-MoE: pre-LN GPT whose every FFN is a top-2 MoE (the Hecate paper's benchmark model).
 
+Follows the Hecate paper (arXiv 2502.02581) for the architecture (expert hidden 2·d, GELU,
+top-2 GShard-style softmax gating without renormalisation, Switch aux 0.01). The paper has no
+public code; the Switch loss defaults to GShard's per-layer form (one loss per MoE layer,
+summed: `aux_pooling=per_layer`, as GShard, Megatron-LM and DeepSpeed-MoE, the systems the paper
+compares with, do); `aux_pooling=pooled` gives transformers' pooled form (MODELS.md §GPT-MoE).
+
 Legend: B batch, S sequence, D model width, V vocabulary.
 """
 
@@ -32,6 +38,7 @@ class GPTMoEConfig:
     expert_hidden: int = 0  # 0 → 2·d_model (the paper's setting)
     max_seq_len: int = 1024
     aux_switch: float = 0.01
+    aux_pooling: str = "per_layer"  # per_layer (GShard) | pooled (transformers' Mixtral)
     aux_z: float = 0.0
     route_skew: float = 0.0
     init_std: float = 0.02
@@ -50,6 +57,7 @@ class GPTMoEBlock(nn.Module):
             TopKRouter(d, cfg.num_experts, cfg.top_k, "softmax", False, cfg.route_skew, std=std),
             MLPExperts(cfg.num_experts, d, hidden, activation="gelu", std_in=std, std_out=out_std),
             aux={"switch": cfg.aux_switch, "z": cfg.aux_z},
+            aux_pooling=cfg.aux_pooling,
         )
 
     def forward(self, x_BSD: Tensor, ctx: MoEContext, cache: KVCache | None = None) -> Tensor:
@@ -83,6 +91,7 @@ class GPTMoE(nn.Module):
         x_BSD = self.tok_emb(tokens_BS) + self.pos_emb(pos_S)
         for i, block in enumerate(self.blocks):
             x_BSD = block(x_BSD, ctx, cache[i] if cache else None)
+        ctx.finish()
         return self.ln_f(x_BSD) @ self.tok_emb.weight.T  # tied LM head
 
 

@@ -4,7 +4,10 @@ Layer i mixes tokens with GQA attention (no positional encoding) if i % attn_per
 attn_offset, else with a Mamba mixer (models/common/mamba.py); its FFN is an MoE if
 i % expert_period == expert_offset, else a dense SwiGLU MLP. Pre-RMSNorm residual blocks, final
 RMSNorm, untied LM head. MoE: softmax over all experts, top-2, no renormalisation, SwiGLU experts,
-Switch aux loss (transformers' Jamba / AI21's Jamba-v0.1 config).
+Switch aux loss (transformers' Jamba / AI21's Jamba-v0.1 config). Every default follows
+transformers' `JambaForCausalLM` (matched in float64 to 2e-14), including its aux loss: one
+Switch loss over the router logits of all MoE layers pooled (`load_balancing_loss_func`,
+`aux_pooling=pooled`); `aux_pooling=per_layer` sums one loss per MoE layer instead.
 
 Legend: B batch, S sequence, D model width, V vocabulary, E experts, K experts per token.
 """
@@ -49,6 +52,7 @@ class JambaConfig:
     scan: str = "chunked"  # chunked | sequential (same function; chunked is faster on CPU)
     scan_chunk: int = 16
     aux_switch: float = 0.001
+    aux_pooling: str = "pooled"  # pooled (transformers) | per_layer (GShard)
     aux_z: float = 0.0
     route_skew: float = 0.0
     norm_eps: float = 1e-6
@@ -122,6 +126,7 @@ class JambaLayer(nn.Module):
                     std_out=out_std,
                 ),
                 aux={"switch": cfg.aux_switch, "z": cfg.aux_z},
+                aux_pooling=cfg.aux_pooling,
             )
         else:
             self.ffn = SwiGLU(d, cfg.d_ff, std, out_std)
@@ -161,6 +166,7 @@ class Jamba(nn.Module):
         x_BSD = self.tok_emb(tokens_BS)
         for i, layer in enumerate(self.layers):
             x_BSD = layer(x_BSD, ctx, cache[i] if cache else None)
+        ctx.finish()
         return self.lm_head(self.norm_f(x_BSD))
 
 

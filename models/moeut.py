@@ -3,9 +3,15 @@
 G distinct layers are applied ABAB… for R = n_layers / G repeats, so every expert bank is called
 R times per forward. Each layer is SwitchHead attention (V and O projections are per-head experts)
 followed by a σ-MoE feed-forward (sigmoid top-k gates, no renormalisation, ReLU experts). Layer
-norms are "peri": only the inputs of maps that feed a softmax/sigmoid are normalised. The entropy
-regulariser of a layer is computed over the logits of all its R calls at once (MODELS.md §MoEUT;
-reference: RobertCsordas/moeut).
+norms are "peri": only the inputs of maps that feed a softmax/sigmoid are normalised (MODELS.md
+§MoEUT). Every default follows the authors' code (RobertCsordas/moeut, `moeut/moeut.py`):
+- entropy regulariser (`entropy_pooling=sequence`): per router, the selection softmax of each
+  sequence is averaged over its positions and all R calls, −H is taken per sequence (and per
+  head for the attention selectors) and averaged over the batch; `entropy_pooling=batch` pools
+  every token of the batch into one mean instead;
+- init: the FFN router's rows are unit-normalised with the matrix's std kept (every row the same
+  norm); the attention selectors' rows keep each row's own std (row norms vary), as the
+  reference's `renorm_rows`.
 
 Legend: B batch, S new positions, T = B·S tokens, D model width, H heads, Dh head width,
 A attention experts per head, K experts per token (or per head), E FFN experts, V vocabulary,
@@ -49,6 +55,7 @@ class MoEUTConfig:
     rope_base: float = 10000.0
     aux_entropy: float = 0.01  # FFN router entropy regulariser
     aux_att_entropy: float = 0.001  # attention router entropy regulariser
+    entropy_pooling: str = "sequence"  # sequence (reference code) | batch (one batch mean)
     expert_dropout: float = 0.0  # FFN: drop experts from top-k selection (training only)
     att_expert_dropout: float = 0.0
     dropout: float = 0.0  # on the attention output (reference placement)
@@ -56,11 +63,21 @@ class MoEUTConfig:
 
 
 def _unit_rows_keep_std_(w: Tensor) -> None:
-    """Reference router init: rows to unit norm, then the whole matrix back to its former std."""
+    """Reference FFN router init: rows to unit norm, then the whole matrix back to its former
+    std (every row ends with the same norm)."""
     with torch.no_grad():
         std = w.std()
         w.div_(w.norm(dim=-1, keepdim=True))
         w.mul_(std / w.std())
+
+
+def _rows_keep_own_std_(w: Tensor) -> None:
+    """Reference attention-selector init (`renorm_rows`): row r becomes w_r/|w_r| · std_r/s,
+    std_r the row's std before and s the std of the row-normalised matrix (norms vary)."""
+    with torch.no_grad():
+        std_R1 = w.std(dim=-1, keepdim=True)
+        w.div_(w.norm(dim=-1, keepdim=True))
+        w.mul_(std_R1 / w.std())
 
 
 def sigma_route(logits_XE: Tensor, k: int, dropout: float, training: bool) -> Routing:
@@ -156,7 +173,7 @@ class SwitchHead(nn.Module):
             for name in ("sel_v", "sel_o"):
                 if hasattr(self, name):
                     getattr(self, name).normal_(0.0, self.std_in)
-                    _unit_rows_keep_std_(getattr(self, name))
+                    _rows_keep_own_std_(getattr(self, name))
             self.skew_A.copy_(skew_bias(self.n_exp, self.route_skew))
 
     def _route(self, xn_TD: Tensor, sel: Tensor) -> Routing:
@@ -258,6 +275,8 @@ class MoEUT(nn.Module):
             raise ValueError(
                 f"n_layers={cfg.n_layers} is not divisible by group_size={cfg.group_size}"
             )
+        if cfg.entropy_pooling not in ("sequence", "batch"):
+            raise ValueError(f"entropy_pooling={cfg.entropy_pooling!r}: use sequence | batch")
         self.cfg = cfg
         self.n_repeats = cfg.n_layers // cfg.group_size
         scale = math.sqrt(2.0 / cfg.n_layers)  # from the unrolled depth
@@ -284,24 +303,28 @@ class MoEUT(nn.Module):
                 x_BSD, logits = layer(x_BSD, ctx, cache[i] if cache else None)
                 for name, l in logits.items():
                     calls[g].setdefault(name, []).append(l)
-        self._entropy_losses(calls, ctx)
+        self._entropy_losses(calls, ctx, batch=tokens_BS.shape[0])
         return self.lm_head(self.out_norm(x_BSD))
 
-    def _entropy_losses(self, calls: list[dict[str, list[Tensor]]], ctx: MoEContext) -> None:
-        """One entropy regulariser per router over the stacked logits of all its calls.
+    def _entropy_losses(
+        self, calls: list[dict[str, list[Tensor]]], ctx: MoEContext, batch: int
+    ) -> None:
+        """One entropy regulariser per router over the logits of all its R calls.
 
-        Attention selectors are per head ([T, H, A]): p̄ per head, −H(p̄) averaged over heads.
+        Logits are [T, E] (FFN) or [T, H, A] (attention selectors, −H per head, averaged).
         """
-        coef = {
-            "ffn": self.cfg.aux_entropy,
-            "att_v": self.cfg.aux_att_entropy,
-            "att_o": self.cfg.aux_att_entropy,
-        }
+        cfg = self.cfg
+        coef = {"ffn": cfg.aux_entropy, "att_v": cfg.aux_att_entropy, "att_o": cfg.aux_att_entropy}
         for per_layer in calls:
             for name, ls in per_layer.items():
-                if coef[name]:
+                if not coef[name]:
+                    continue
+                if cfg.entropy_pooling == "sequence":  # [B, R·S, ...]: each sequence's rows
+                    l_BX = torch.cat([l.view(batch, -1, *l.shape[1:]) for l in ls], dim=1)
+                    reg = losses.sequence_entropy_regularizer(l_BX, ctx.reducer)
+                else:
                     reg = losses.entropy_regularizer(torch.cat(ls, dim=0), ctx.reducer).mean()
-                    ctx.add_aux("entropy" if name == "ffn" else "att_entropy", coef[name] * reg)
+                ctx.add_aux("entropy" if name == "ffn" else "att_entropy", coef[name] * reg)
 
 
 def _published(

@@ -3,10 +3,22 @@
 One shared layer — mixture-of-attention-heads (MoA) then an FFN MoE — is applied for up to N
 steps with stick-breaking halting. A token whose remaining probability mass drops below 1 − τ is
 frozen: its state stops changing and its rows are no longer sent to the expert banks (SUT's
-compute saving). Its frozen state still serves as key/value for later tokens. Halting is per
-token and causal, so cached decoding (one KV cache per step) reproduces the full forward exactly.
-Every bank is still called once per step even when no rows remain, so all ranks make the same
-calls (MODELS.md §SUT; reference: shawntan/SUT).
+compute saving). Halting is per token and causal, so cached decoding (one KV cache per step)
+reproduces the full forward exactly. Every bank is still called once per step even when no rows
+remain, so all ranks make the same calls (MODELS.md §SUT).
+
+Defaults follow the authors' code (shawntan/SUT: `halting.py` ACTWrapper, `moe.py`):
+- keys/values (`kv_source=soft_halted`): at step n they come from LN of the token's running
+  soft-halted state s_{n−1} = Σ_{j<n−1} p_j·h_j + (remaining mass)·h_{n−1} (s_0 = the
+  embedding, so steps 1 and 2 see the current state; from step 3 on they differ); a frozen
+  token serves its final soft-halted output. `kv_source=state` takes LN of the current state;
+- ACT loss: the expected number of steps after the first, Σ_n (n − 1)·p_n (steps counted from
+  0); a frozen token's leftover mass (< 1 − τ) counts at its freezing step, where the reference
+  drops it and keeps adding the gate's (tiny) halting probabilities of the frozen state;
+- MI loss (`mi_weights=remaining_mass`): every row (token, step) weighted by the token's
+  remaining halting mass entering that step, in H(E|X) and in the marginal, the weights
+  carrying gradient; `mi_weights=uniform` weights the active rows equally. The sign follows the
+  paper (−I(E;X)); `mi_reference_sign` gives the code's H(E|X) + H(E).
 
 Legend: B batch, S new positions, P past + new positions, T = B·S tokens, A active (not yet
 halted) tokens, D model width, De attention expert width, Hh heads per attention expert
@@ -50,6 +62,8 @@ class SUTConfig:
     halt_threshold: float = 0.999  # τ: freeze once the remaining mass < 1 − τ
     aux_mi: float = 0.1  # mutual-information loss, per router
     mi_reference_sign: bool = False  # True: the public code's H(E|X) + H(E) (sign slip)
+    mi_weights: str = "remaining_mass"  # remaining_mass (reference code) | uniform
+    kv_source: str = "soft_halted"  # soft_halted (reference code) | state
     aux_act: float = 0.01  # ACT loss: mean expected depth
     dropout: float = 0.0  # on both residual branches
     route_skew: float = 0.0
@@ -108,16 +122,21 @@ class MixtureOfAttention(nn.Module):
             self.rel_pos.zero_()
 
     def forward(
-        self, xn_BSD: Tensor, idx_A: Tensor, cache: KVCache | None, ctx: MoEContext
+        self,
+        xa_AD: Tensor,
+        xkv_BSD: Tensor,
+        idx_A: Tensor,
+        cache: KVCache | None,
+        ctx: MoEContext,
     ) -> tuple[Tensor, Tensor]:
-        """Update of the active tokens `idx_A` (flat indices) [A, D] and their router logits."""
-        B, S, D = xn_BSD.shape
+        """Update [A, D] of the active tokens `idx_A` (flat indices), whose normalised states are
+        `xa_AD`, attending over keys/values from `xkv_BSD`; and their router logits."""
+        B, S, D = xkv_BSD.shape
         Hh, dh, K = self.n_heads, self.d_head, self.top_k
         past = cache.length if cache is not None else 0
-        k_BHSd, v_BHSd = self.kv(xn_BSD).view(B, S, 2, Hh, dh).permute(2, 0, 3, 1, 4)
+        k_BHSd, v_BHSd = self.kv(xkv_BSD).view(B, S, 2, Hh, dh).permute(2, 0, 3, 1, 4)
         if cache is not None:
             k_BHSd, v_BHSd = cache.extend(k_BHSd, v_BHSd)
-        xa_AD = xn_BSD.reshape(B * S, D).index_select(0, idx_A)
         routing = route(self.router.logits(xa_AD), K, "softmax", renormalize=True)
         counts_E = losses.global_counts(routing, routing.scores_TE.shape[1], ctx.reducer)
         ctx.add_load(self.q.bank_name, counts_E)  # the same rows go through W_q and W_o
@@ -211,14 +230,21 @@ class SUTLayer(nn.Module):
     def forward(
         self,
         h_TD: Tensor,
+        kv_TD: Tensor,
         idx_A: Tensor,
         shape: tuple[int, int],
         ctx: MoEContext,
         cache: KVCache | None,
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """Returns (new state [T, D], active rows' new state [A, D], router logits)."""
+        """Queries from LN1 of the active rows of `h_TD`, keys/values from LN1 of `kv_TD`.
+
+        Returns (new state [T, D], active rows' new state [A, D], router logits).
+        """
         B, S = shape
-        att_AD, att_logits = self.attn(self.ln1(h_TD).view(B, S, -1), idx_A, cache, ctx)
+        xn_TD = self.ln1(h_TD)
+        xkv_TD = xn_TD if kv_TD is h_TD else self.ln1(kv_TD)
+        xa_AD = xn_TD.index_select(0, idx_A)
+        att_AD, att_logits = self.attn(xa_AD, xkv_TD.view(B, S, -1), idx_A, cache, ctx)
         h_AD = h_TD.index_select(0, idx_A) + self.drop(att_AD)
         ffn_AD, ffn_logits = self.moe(self.ln2(h_AD), ctx, batch=B)
         h_AD = h_AD + self.drop(ffn_AD)
@@ -244,24 +270,33 @@ class HaltingGate(nn.Module):
 
 @dataclass
 class _Halting:
-    """Stick-breaking state per token: accumulated output, log remaining mass, expected depth."""
+    """Stick-breaking state per token: accumulated output, log remaining mass, expected depth,
+    the soft-halted state (keys/values source), and per step the active rows' remaining mass."""
 
     acc_TD: Tensor
     log_rem_T: Tensor
     depth_T: Tensor
     active_T: Tensor  # bool, no gradient
+    soft_TD: Tensor  # s_n = acc_{n−1} + rem_{n−1}·h_n for active tokens; s_0 = the embedding
+    rem_per_step: list[Tensor]  # [A_n] remaining mass entering step n (the MI loss weights)
 
     @staticmethod
     def start(h_TD: Tensor) -> _Halting:
         T, dt = h_TD.shape[0], router_dtype(h_TD)
         zeros_T = torch.zeros(T, dtype=dt, device=h_TD.device)
         active_T = torch.ones(T, dtype=torch.bool, device=h_TD.device)
-        return _Halting(torch.zeros_like(h_TD), zeros_T, zeros_T, active_T)
+        return _Halting(torch.zeros_like(h_TD), zeros_T, zeros_T, active_T, h_TD, [])
 
 
 class SUT(nn.Module):
     def __init__(self, cfg: SUTConfig) -> None:
         super().__init__()
+        for name, value, known in (
+            ("kv_source", cfg.kv_source, ("soft_halted", "state")),
+            ("mi_weights", cfg.mi_weights, ("remaining_mass", "uniform")),
+        ):
+            if value not in known:
+                raise ValueError(f"{name}={value!r}: use one of {known}")
         self.cfg = cfg
         std = cfg.d_model**-0.5
         self.embedding = Embedding(cfg.vocab_size, cfg.d_model, std=std)  # ×√D in forward
@@ -284,8 +319,10 @@ class SUT(nn.Module):
         logits: dict[str, list[Tensor]] = {"att": [], "ffn": []}
         for n in range(1, self.cfg.max_steps + 1):
             idx_A = state.active_T.nonzero().squeeze(1)
+            state.rem_per_step.append(state.log_rem_T.index_select(0, idx_A).exp())
+            kv_TD = state.soft_TD if self.cfg.kv_source == "soft_halted" else h_TD
             h_TD, h_AD, step_logits = self.layer(
-                h_TD, idx_A, (B, S), ctx, cache[n - 1] if cache else None
+                h_TD, kv_TD, idx_A, (B, S), ctx, cache[n - 1] if cache else None
             )
             for name, l in step_logits.items():
                 logits[name].append(l)
@@ -295,8 +332,12 @@ class SUT(nn.Module):
 
     def _halt_step(self, st: _Halting, h_AD: Tensor, idx_A: Tensor, n: int) -> None:
         """Stick-breaking: p_n = α_n · Π_{j<n}(1 − α_j); the last step (or a token that freezes)
-        takes all of the token's remaining mass, so Σ_n p_n = 1 and depth = Σ_n n·p_n."""
+        takes all of the token's remaining mass, so Σ_n p_n = 1 and depth = Σ_n (n − 1)·p_n."""
         log_rem_A = st.log_rem_T.index_select(0, idx_A)
+        if self.cfg.kv_source == "soft_halted":
+            rem_A1 = log_rem_A.exp().to(h_AD.dtype).unsqueeze(1)
+            soft_AD = st.acc_TD.index_select(0, idx_A) + rem_A1 * h_AD
+            st.soft_TD = st.soft_TD.index_copy(0, idx_A, soft_AD)
         if n < self.cfg.max_steps:
             log_a_A, log_1ma_A = self.halt(h_AD)
             p_A = torch.exp(log_rem_A + log_a_A)
@@ -307,17 +348,19 @@ class SUT(nn.Module):
             p_A, new_log_rem_A = torch.exp(log_rem_A), torch.full_like(log_rem_A, -math.inf)
             freeze_A = torch.ones_like(idx_A, dtype=torch.bool)
         st.acc_TD = st.acc_TD.index_add(0, idx_A, p_A.to(h_AD.dtype).unsqueeze(1) * h_AD)
-        st.depth_T = st.depth_T.index_add(0, idx_A, n * p_A)
+        st.depth_T = st.depth_T.index_add(0, idx_A, (n - 1) * p_A)
         st.log_rem_T = st.log_rem_T.index_copy(0, idx_A, new_log_rem_A)
         st.active_T = st.active_T.index_copy(0, idx_A, ~freeze_A)
 
     def _aux_losses(self, st: _Halting, logits: dict[str, list[Tensor]], ctx: MoEContext) -> None:
-        """MI loss per router over its active rows of all steps; ACT loss = mean expected depth."""
+        """MI loss per router over its active rows of all steps (weighted by remaining mass by
+        default); ACT loss = mean expected depth counted from 0."""
         cfg = self.cfg
         if cfg.aux_mi:
+            w_N = torch.cat(st.rem_per_step) if cfg.mi_weights == "remaining_mass" else None
             for name, ls in logits.items():
                 mi = losses.mutual_information_loss(
-                    torch.cat(ls, dim=0), ctx.reducer, cfg.mi_reference_sign
+                    torch.cat(ls, dim=0), ctx.reducer, cfg.mi_reference_sign, w_N
                 )
                 ctx.add_aux(f"mi_{name}", cfg.aux_mi * mi)
         if cfg.aux_act:

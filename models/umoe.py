@@ -1,13 +1,18 @@
 """UMoE (Yang et al., NeurIPS 2025): attention and FFN experts unified in one shared bank.
 
-Attention is rewritten as "pre-mix then FFN": each token picks k_att experts; expert e's query
-q_{t,e} = (xn_t·A_e)·B_e + xn_t·W_qres attends over one shared key with the normalised inputs
-themselves as values, z_{t,e} = Σ_{s≤t} softmax(q_{t,e}·k_s/√dqk)·xn_s, and FFN_e(z_{t,e}) runs
-in the layer's expert bank. The FFN sub-layer routes xn2 = RMSNorm(x) into the *same* bank with
-its own router, so the bank is called twice per layer per forward. Each sub-layer also has one
-always-on shared expert (the attention one with its own query). Softmax routers, top-k without
-renormalisation, DeepSeek sequence-level balance loss. Details follow ysngki/UMoE
-(`premix`: RoPE on the whole query/key, scale dqk^-1/2, separate FFN router and shared expert).
+Attention is rewritten as "pre-mix then FFN": each token picks k_att experts; expert e's
+query q_{t,e} = RMSNorm_r(xn_t·A_e)·B_e + xn_t·W_qres attends over one shared key with the
+normalised inputs themselves as values, z_{t,e} = Σ_{s≤t} softmax(q_{t,e}·k_s/√dqk)·xn_s, and
+FFN_e(z_{t,e}) runs in the layer's expert bank. The FFN sub-layer routes xn2 = RMSNorm(x) into
+the *same* bank with its own router, so the bank is called twice per layer per forward. Each
+sub-layer also has one always-on shared expert (the attention one with its own query). Softmax
+routers, top-k without renormalisation, DeepSeek sequence-level balance loss.
+
+Defaults follow the authors' code (ysngki/UMoE, `PreMixMoEAttention.premix`, config
+small-vanilla-UMoE-1024): RoPE on the whole query/key, scale dqk^-1/2, separate FFN router and
+shared expert, and a learned RMSNorm on the rank-r query factor (one weight vector of width r
+shared by the experts, the code's `q_a_layernorm`; `q_norm=true`; `q_norm=false` omits it, as
+the paper's formula does).
 
 Legend: B batch, S new positions, P past + new positions, T = B·S tokens, D model width,
 E experts, K experts per token (k_att or k_ffn), N = T·K bank rows, R query rank, Q query/key
@@ -45,6 +50,7 @@ class UMoEConfig:
     top_k_ffn: int = 4
     q_rank: int = 4
     d_qk: int = 16
+    q_norm: bool = True  # RMSNorm on the rank-r query factor (reference code)
     rope_base: float = 10000.0
     aux_seq_balance: float = 0.001
     route_skew: float = 0.0
@@ -83,6 +89,7 @@ class PremixAttention(nn.Module):
         # Per-expert low-rank query factors: ordinary dense parameters, used outside the bank.
         self.q_a = nn.Parameter(torch.empty(E, d, R))
         self.q_b = nn.Parameter(torch.empty(E, R, Q))
+        self.q_norm = nn.RMSNorm(R, eps=cfg.norm_eps) if cfg.q_norm else None
         self.q_res = Linear(d, Q, bias=False, std=std)
         self.q_shared = Linear(d, Q, bias=False, std=std)  # the shared expert's own query
         self.k = Linear(d, Q, bias=False, std=std)
@@ -98,11 +105,14 @@ class PremixAttention(nn.Module):
             self.q_b.normal_(0.0, self.std)
 
     def routed_queries(self, xn_TD: Tensor, expert_TK: Tensor) -> Tensor:
-        """q_{t,e} = (xn_t·A_e)·B_e + xn_t·W_qres for the K chosen experts of each token [T,K,Q]."""
+        """q_{t,e} = RMSNorm_r(xn_t·A_e)·B_e + xn_t·W_qres for the K chosen experts of each
+        token [T, K, Q] (no norm with `q_norm=false`)."""
         R = self.q_a.shape[2]
         # xn·A for every expert is cheap (R is small) and avoids gathering [T, K, D, R].
         u_TER = torch.einsum("td,edr->ter", xn_TD, self.q_a)
         u_TKR = u_TER.gather(1, expert_TK.unsqueeze(-1).expand(-1, -1, R))
+        if self.q_norm is not None:
+            u_TKR = self.q_norm(u_TKR)
         q_TKQ = torch.einsum("tkr,tkrq->tkq", u_TKR, self.q_b[expert_TK])
         return q_TKQ + self.q_res(xn_TD).unsqueeze(1)
 

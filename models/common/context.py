@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -38,6 +39,12 @@ def global_sum(local: Tensor, reducer: BatchReducer) -> Tensor:
     return total + reducer.world_size * (local - local.detach())
 
 
+class AuxPool(Protocol):
+    """Statistics of several calls that make one loss once the forward is done."""
+
+    def loss(self, reducer: BatchReducer) -> Tensor: ...
+
+
 class MoEContext:
     """What one forward pass reports besides its output.
 
@@ -53,6 +60,21 @@ class MoEContext:
         self.aux_losses: dict[str, Tensor] = {}
         # bank name -> global tokens per expert [E] (int64, summed over the calls of that bank)
         self.expert_load: dict[str, Tensor] = {}
+        # name -> (coefficient, statistics pooled over calls), turned into a loss by `finish`
+        self.pools: dict[str, tuple[float, AuxPool]] = {}
+
+    def pool(self, name: str, coef: float, new: Callable[[], AuxPool]) -> AuxPool:
+        """The pool of loss `name` for this forward (created by `new()` at the first call)."""
+        if name not in self.pools:
+            self.pools[name] = (coef, new())
+        return self.pools[name][1]
+
+    def finish(self) -> None:
+        """Turn the pooled statistics into their weighted losses; models call it at the end of
+        their forward (the same point on every rank, so its all-reduces line up)."""
+        for name, (coef, pool) in self.pools.items():
+            self.add_aux(name, coef * pool.loss(self.reducer))
+        self.pools.clear()
 
     def add_aux(self, name: str, value: Tensor) -> None:
         prev = self.aux_losses.get(name)
@@ -64,6 +86,7 @@ class MoEContext:
         self.expert_load[bank_name] = counts_E if prev is None else prev + counts_E
 
     def aux_total(self) -> Tensor | None:
+        self.finish()
         if not self.aux_losses:
             return None
         return sum(self.aux_losses.values())  # type: ignore[return-value]

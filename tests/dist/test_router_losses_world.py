@@ -1,4 +1,5 @@
-"""Auxiliary routing losses from global-batch statistics: world-size invariant at W = 1, 2, 4."""
+"""Auxiliary routing losses from global-batch statistics: world-size invariant at W = 1, 2, 4
+(per-sequence and weighted means and the pooled Switch loss included)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,20 @@ def _losses_and_grads(rank: int, world: int) -> tuple[float, torch.Tensor]:
     n = 24 // world
     ctx = MoEContext(reducer=batch_reducer() if world > 1 else BatchReducer())
     r = router(x[rank * n : (rank + 1) * n])
+    r2 = router(0.5 * x[rank * n : (rank + 1) * n])  # a second "layer", for the pooled loss
     counts = losses.global_counts(r, 6, ctx.reducer)
+    pool = losses.SwitchPool()
+    pool.add(r, counts)
+    pool.add(r2, losses.global_counts(r2, 6, ctx.reducer))
+    mass_N = torch.sigmoid(r.logits_TE[:, 0])  # weights that carry gradient (SUT: halting mass)
     total = (
         losses.switch_loss(r, counts, ctx.reducer)
+        + pool.loss(ctx.reducer)
         + losses.z_loss(r, ctx.reducer)
         + losses.entropy_regularizer(r.logits_TE, ctx.reducer)
+        + losses.sequence_entropy_regularizer(r.logits_TE.view(n // 3, 3, 6), ctx.reducer)
         + losses.mutual_information_loss(r.logits_TE, ctx.reducer)
+        + losses.mutual_information_loss(r.logits_TE, ctx.reducer, weights_N=mass_N)
         + losses.sequence_balance_loss(r, n // 3, ctx.reducer)  # sequences of 3
     )
     total.backward()

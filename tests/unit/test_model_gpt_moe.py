@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from models.common.context import MoEContext
 from models.registry import build_model, preset
 from tests.support.causality import assert_causal
+from tests.unit.test_router_losses import hf_load_balancing_loss
 
 
 def _count(name: str) -> tuple[int, int]:
@@ -33,6 +35,25 @@ def test_causal_and_cached_decoding_equal_full_forward() -> None:
     steps = [m(tokens[:, :5], MoEContext(), cache)]
     steps += [m(tokens[:, i : i + 1], MoEContext(), cache) for i in range(5, 12)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("pooling", ["per_layer", "pooled"])
+def test_switch_loss_per_layer_by_default(pooling: str) -> None:
+    """Default: GShard's form, one Switch loss per MoE layer, summed; pooled: transformers'
+    `load_balancing_loss_func` over every layer's logits together."""
+    m = build_model(preset("gpt_moe_tiny", aux_pooling=pooling)).double()
+    seen: list[torch.Tensor] = []
+    for block in m.blocks:
+        fn = block.moe.router.logits
+        block.moe.router.logits = lambda x, fn=fn: seen.append(fn(x)) or seen[-1]
+    ctx = MoEContext()
+    m(torch.randint(0, 256, (2, 12)), ctx)
+    assert len(seen) == 4
+    if pooling == "pooled":
+        want = hf_load_balancing_loss(seen, 8, 2)
+    else:
+        want = sum(hf_load_balancing_loss([lg], 8, 2) for lg in seen)
+    assert abs(ctx.aux_losses["switch"].item() / (0.01 * want.item()) - 1) <= 1e-12
 
 
 def test_expert_load_and_aux_recorded_per_bank() -> None:

@@ -6,6 +6,7 @@ Legend: B batch, S sequence, V vocabulary, I inner width, N state size, E expert
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from models.jamba import Jamba, JambaConfig, active_parameters, is_attention_lay
 from models.registry import build_model, preset
 from tests.support.causality import assert_causal
 from tests.support.simulated_ranks import global_loss, grads, two_rank_loss_and_grads
+from tests.unit.test_router_losses import hf_load_balancing_loss
 
 
 def _tiny(**overrides: object) -> Jamba:
@@ -103,8 +105,34 @@ def test_switch_loss_is_about_two_at_init() -> None:
     assert abs(losses.switch_loss(routing, counts_E, reducer).item() - 2.0) < 0.1
     ctx = MoEContext()
     model(torch.randint(0, 256, (4, 32)), ctx)
-    n_moe = sum(isinstance(layer.ffn, MoEFeedForward) for layer in model.layers)
-    assert abs(ctx.aux_losses["switch"].item() / (0.001 * n_moe) - 2.0) < 0.1
+    assert abs(ctx.aux_losses["switch"].item() / 0.001 - 2.0) < 0.1  # pooled over the layers
+
+
+@pytest.mark.parametrize("pooling", ["pooled", "per_layer"])
+def test_switch_loss_pools_all_layers_as_transformers(pooling: str) -> None:
+    """Default: transformers' `load_balancing_loss_func` over the router logits of every MoE
+    layer (transcribed in tests/unit/test_router_losses.py); per_layer: one loss per layer."""
+    model = _tiny(aux_pooling=pooling, num_experts=6)
+    moes = [layer.ffn for layer in model.layers if isinstance(layer.ffn, MoEFeedForward)]
+    seen: list[Tensor] = []
+    for moe in moes:
+        moe.router.logits = _record(moe.router.logits, seen)
+    ctx = MoEContext()
+    model(torch.randint(0, 256, (3, 10)), ctx)
+    assert len(seen) == len(moes) == 2
+    pooled = hf_load_balancing_loss(seen, 6, 2)
+    per_layer = sum(hf_load_balancing_loss([lg], 6, 2) for lg in seen)
+    want = pooled if pooling == "pooled" else per_layer
+    assert abs(ctx.aux_losses["switch"].item() / (0.001 * want.item()) - 1) <= 1e-12
+    assert abs(per_layer / pooled - 2) < 0.5 and abs(per_layer - pooled) > 1e-3
+
+
+def _record(fn: Any, seen: list) -> Any:
+    def wrapped(*args: Any) -> Any:
+        seen.append(fn(*args))
+        return seen[-1]
+
+    return wrapped
 
 
 def test_route_skew_skews_load() -> None:

@@ -3,6 +3,8 @@ regulariser over all repeats, learning (world-size invariance: tests/dist)."""
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +15,7 @@ from torch import Tensor, nn
 
 from models.common.context import BatchReducer, MoEContext
 from models.common.experts import ExpertBank
+from models.moeut import _rows_keep_own_std_
 from models.registry import build_model, preset
 from tests.support.causality import assert_causal
 from tests.support.simulated_ranks import global_loss as _loss
@@ -99,31 +102,72 @@ def test_each_bank_called_once_per_repeat() -> None:
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
-def test_entropy_regularizer_stacks_all_repeats() -> None:
+def _neg_entropy_pooled(calls: list[Tensor]) -> Tensor:
+    """−H(p̄), p̄ the mean softmax over every row of every call (the batch form)."""
+    p = torch.softmax(torch.cat(calls), -1).mean(0)
+    return (p * p.log()).sum(-1).mean()
+
+
+def _neg_entropy_per_sequence(calls: list[Tensor], B: int) -> Tensor:
+    """The reference's form, by hand: for each sequence b its rows of every call (rows
+    b·S .. b·S + S − 1 of each), p̄_b their mean softmax, −H(p̄_b) (mean over heads); mean over b."""
+    S = calls[0].shape[0] // B
+    per_seq = []
+    for b in range(B):
+        rows = torch.cat([l[b * S : (b + 1) * S] for l in calls])
+        p = torch.softmax(rows, -1).mean(0)
+        per_seq.append((p * p.log()).sum(-1).mean())
+    return sum(per_seq) / B
+
+
+@pytest.mark.parametrize("pooling", ["sequence", "batch"])
+def test_entropy_regularizer_stacks_all_repeats(pooling: str) -> None:
     cfg = dict(n_layers=6, group_size=2, aux_entropy=0.5, aux_att_entropy=0.25)
-    model = tiny(**cfg)
+    model = tiny(**cfg, entropy_pooling=pooling)
     seen: dict[tuple[int, str], list[Tensor]] = {}
     for g, layer in enumerate(model.layers):
         layer.ffn.router.logits = _recorder(layer.ffn.router.logits, seen, (g, "ffn"))
         layer.attention._route = _recorder(layer.attention._route, seen, (g, "att"))
     ctx = MoEContext()
-    model(tokens(2, 8), ctx)
-
-    def neg_entropy(logits: Tensor) -> Tensor:  # −H(p̄), p̄ = batch mean of softmax
-        p = torch.softmax(logits, -1).mean(0)
-        return (p * p.log()).sum(-1).mean()
-
+    B = 3
+    model(tokens(B, 8), ctx)
+    if pooling == "sequence":
+        neg_entropy = lambda calls: _neg_entropy_per_sequence(calls, B)  # noqa: E731
+    else:
+        neg_entropy = _neg_entropy_pooled
     ffn = [seen[g, "ffn"] for g in range(2)]
     att = [seen[g, "att"] for g in range(2)]  # per call: v then o routing, [T, H, A]
     assert all(len(ls) == 3 for ls in ffn) and all(len(rs) == 6 for rs in att)
-    want_ffn = 0.5 * sum(neg_entropy(torch.cat(ls)) for ls in ffn)
+    want_ffn = 0.5 * sum(neg_entropy(ls) for ls in ffn)
     want_att = 0.25 * sum(
-        neg_entropy(torch.cat([r.logits_TE for r in rs[j::2]])) for rs in att for j in (0, 1)
+        neg_entropy([r.logits_TE for r in rs[j::2]]) for rs in att for j in (0, 1)
     )
     torch.testing.assert_close(ctx.aux_losses["entropy"], want_ffn, rtol=1e-12, atol=0)
     torch.testing.assert_close(ctx.aux_losses["att_entropy"], want_att, rtol=1e-12, atol=0)
-    per_call = 0.5 * sum(neg_entropy(l) for ls in ffn for l in ls) / 3
+    per_call = 0.5 * sum(neg_entropy([l]) for ls in ffn for l in ls) / 3
     assert abs(per_call - want_ffn) > 1e-9  # stacking differs from averaging per call
+    other = _neg_entropy_pooled if pooling == "sequence" else _neg_entropy_per_sequence
+    other_ffn = 0.5 * sum(other(ls) if pooling == "sequence" else other(ls, B) for ls in ffn)
+    assert abs(other_ffn - want_ffn) > 1e-6  # the two poolings differ on this batch
+
+
+def test_selector_inits_follow_the_reference() -> None:
+    """FFN router: rows unit-normalised, matrix std kept (equal row norms). Attention
+    selectors (`renorm_rows`): row r → w_r/|w_r|·std_r/s, s the std of the normalised matrix."""
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 1.0, -1.0], [2.0, -2.0, 2.0, -2.0]])
+    w = w.double()
+    rows = [r.tolist() for r in w]
+    unit = [[x / math.sqrt(sum(y * y for y in r)) for x in r] for r in rows]
+    s = statistics.stdev([x for r in unit for x in r])
+    want = [[x * statistics.stdev(r) / s for x in u] for r, u in zip(rows, unit)]
+    got = w.clone()
+    _rows_keep_own_std_(got)
+    assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), rtol=1e-14, atol=0)
+    model = tiny()
+    sel_norms = model.layers[0].attention.sel_v.norm(dim=-1)
+    router_norms = model.layers[0].ffn.router.weight.norm(dim=-1)
+    assert sel_norms.max() / sel_norms.min() > 1.05  # each row keeps its own std
+    assert router_norms.max() / router_norms.min() < 1 + 1e-6  # drawn in float32
 
 
 def _recorder(fn: Callable[..., Any], seen: dict, key: tuple) -> Callable[..., Any]:

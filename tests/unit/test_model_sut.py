@@ -110,12 +110,12 @@ def test_halted_tokens_leave_the_banks() -> None:
 
 def _expected_depth(alpha: float, steps: int, tau: float = 0.999) -> float:
     """Stick-breaking by hand: p_n = α·(1−α)^(n−1); a frozen token (or the last step) takes all
-    of the remaining mass."""
+    of the remaining mass; steps counted from 0, as the reference (Σ_n (n − 1)·p_n)."""
     depth, rem = 0.0, 1.0
     for n in range(1, steps + 1):
         if n == steps or rem * (1 - alpha) < 1 - tau:
-            return depth + n * rem
-        depth += n * rem * alpha
+            return depth + (n - 1) * rem
+        depth += (n - 1) * rem * alpha
         rem *= 1 - alpha
     raise AssertionError
 
@@ -128,12 +128,40 @@ def test_act_loss_is_expected_depth(alpha: float) -> None:
     model(tokens(2, 7), ctx)
     assert set(ctx.aux_losses) == {"act"}
     want = _expected_depth(alpha, 4)
-    assert want == pytest.approx({0.5: 1.875, 0.95: 1.0525, 0.3: 2.533}[alpha], abs=1e-12)
+    # α = 0.95: 0·0.95 + 1·0.0475 + 2·(0.002375 + the leftover 0.000125) = 0.0525
+    assert want == pytest.approx({0.5: 0.875, 0.95: 0.0525, 0.3: 1.533}[alpha], abs=1e-12)
     assert ctx.aux_losses["act"].item() == pytest.approx(want, rel=1e-12)
 
 
+Step = tuple[list[int], dict[int, float], dict[int, float]]
+
+
+def _replay(
+    gate_out: list[tuple[Tensor, Tensor]], T: int, N: int, tau: float = 0.999
+) -> list[Step]:
+    """Stick-breaking by hand from the α the gate gave each active token. Per step n: the active
+    tokens, their remaining mass entering n, and their p_n (a freezing token's leftover mass and
+    the last step's remaining mass included)."""
+    rem, active, steps = [1.0] * T, list(range(T)), []
+    for n in range(1, N + 1):
+        entering, p, running = {t: rem[t] for t in active}, {}, []
+        for i, t in enumerate(active):
+            if n == N:
+                p[t] = rem[t]
+                continue
+            a = gate_out[n - 1][0][i].exp().item()
+            p[t], rem[t] = rem[t] * a, rem[t] * (1 - a)
+            if rem[t] < 1 - tau:
+                p[t] += rem[t]  # frozen: the leftover mass stays at this step
+            else:
+                running.append(t)
+        steps.append((active, entering, p))
+        active = running
+    return steps
+
+
 def test_act_loss_with_per_token_halting() -> None:
-    """Replay the stick-breaking by hand from the α the gate gave each active token."""
+    """ACT loss = mean over tokens of Σ_n (n − 1)·p_n, replayed by hand."""
     model = tiny(aux_act=1.0, aux_mi=0.0)
     mixed_halting(model)
     gate_out: list[tuple[Tensor, Tensor]] = []
@@ -141,23 +169,13 @@ def test_act_loss_with_per_token_halting() -> None:
     ctx = MoEContext()
     model(tokens(2, 10), ctx)
     T, N = 20, 4
-    rem, depth, active = [1.0] * T, [0.0] * T, list(range(T))
     assert len(gate_out) == N - 1  # no gate at the last step: it takes all remaining mass
-    for n, (log_a, _) in enumerate(gate_out, start=1):
+    steps = _replay(gate_out, T, N)
+    for (active, _, _), (log_a, _) in zip(steps, gate_out):
         assert len(log_a) == len(active)  # the gate only sees the tokens still running
-        running = []
-        for t, a in zip(active, log_a.exp().tolist()):
-            depth[t] += n * rem[t] * a
-            rem[t] *= 1 - a
-            if rem[t] < 1 - 0.999:
-                depth[t] += n * rem[t]  # frozen: the leftover mass stays at this step
-            else:
-                running.append(t)
-        active = running
-    for t in active:
-        depth[t] += N * rem[t]
-    assert 0 < len(active) < T
-    assert ctx.aux_losses["act"].item() == pytest.approx(sum(depth) / T, rel=1e-12)
+    assert 0 < len(steps[-1][0]) < T
+    depth = sum((n - 1) * p for n, (_, _, ps) in enumerate(steps, 1) for p in ps.values())
+    assert ctx.aux_losses["act"].item() == pytest.approx(depth / T, rel=1e-12)
 
 
 def test_mi_loss_ranks_balanced_confident_routing_lowest() -> None:
@@ -175,21 +193,71 @@ def test_mi_loss_ranks_balanced_confident_routing_lowest() -> None:
     assert ref < losses.mutual_information_loss(balanced, r, reference_sign=True)
 
 
+@pytest.mark.parametrize("weights", ["remaining_mass", "uniform"])
 @pytest.mark.parametrize("reference_sign", [False, True])
-def test_model_mi_loss_uses_active_rows_of_all_steps(reference_sign: bool) -> None:
-    model = tiny(aux_mi=0.5, aux_act=0.0, mi_reference_sign=reference_sign)
+def test_model_mi_loss_uses_active_rows_of_all_steps(reference_sign: bool, weights: str) -> None:
+    """MI over the active rows of every step, each weighted (reference) by its token's remaining
+    halting mass entering the step, replayed by hand; or uniformly."""
+    model = tiny(aux_mi=0.5, aux_act=0.0, mi_reference_sign=reference_sign, mi_weights=weights)
     mixed_halting(model)
     seen: dict[str, list[Tensor]] = defaultdict(list)
     for name, router in (("att", model.layer.attn.router), ("ffn", model.layer.moe.router)):
         router.logits = _recorder(router.logits, seen[name])
+    gate_out: list[tuple[Tensor, Tensor]] = []
+    model.halt.forward = _recorder(model.halt.forward, gate_out)
     ctx = MoEContext()
     model(tokens(2, 10), ctx)
     assert [len(l) for l in seen["ffn"]][0] == 20 and len(seen["ffn"]) == 4
     assert sum(len(l) for l in seen["ffn"]) < 80  # some tokens halted early
+    steps = _replay(gate_out, 20, 4)
+    rem = [m[t] for active, m, _ in steps for t in active]
+    assert rem[0] == 1.0 and min(rem) < 0.1  # later rows carry less weight
+    w_N = torch.tensor(rem, dtype=torch.float64) if weights == "remaining_mass" else None
     for name in ("att", "ffn"):
-        mi = losses.mutual_information_loss(torch.cat(seen[name]), BatchReducer(), reference_sign)
-        want = 0.5 * mi
-        torch.testing.assert_close(ctx.aux_losses[f"mi_{name}"], want, rtol=1e-12, atol=0)
+        logits = torch.cat(seen[name])
+        mi = losses.mutual_information_loss(logits, BatchReducer(), reference_sign, w_N)
+        torch.testing.assert_close(ctx.aux_losses[f"mi_{name}"], 0.5 * mi, rtol=1e-12, atol=0)
+        if weights == "remaining_mass":  # the weights matter on this batch
+            plain = losses.mutual_information_loss(logits, BatchReducer(), reference_sign)
+            assert abs(plain - mi) > 1e-6
+
+
+@pytest.mark.parametrize("kv_source", ["soft_halted", "state"])
+def test_keys_and_values_come_from_the_soft_halted_state(kv_source: str) -> None:
+    """The reference's K/V source, replayed by hand: step n attends over LN of each token's
+    s_{n−1}, s_0 = the embedding, s_n = Σ_{j<n} p_j·h_j + (mass entering n)·h_n while active (at
+    step 3: α₁·h₁ + (1 − α₁)·h₂), a frozen token keeping its final output. `state`: LN(h_{n−1})."""
+    model = tiny(kv_source=kv_source)
+    mixed_halting(model)
+    gate_out: list[tuple[Tensor, Tensor]] = []
+    model.halt.forward = _recorder(model.halt.forward, gate_out)
+    layer_out: list[tuple[Tensor, ...]] = []
+    model.layer.forward = _recorder(model.layer.forward, layer_out)
+    x = tokens(2, 10)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(x, cache=cache)
+        h = [(model.embedding(x) * math.sqrt(D)).reshape(20, D), *(o[0] for o in layer_out)]
+        steps = _replay(gate_out, 20, 4)
+        soft, acc = [h[0]], torch.zeros_like(h[0])
+        for n, (active, entering, p) in enumerate(steps, 1):
+            s_n = soft[-1].clone()
+            for t in active:
+                s_n[t] = acc[t] + entering[t] * h[n][t]
+                acc[t] += p[t] * h[n][t]
+            soft.append(s_n)
+        frozen = [t for t in range(20) if t not in steps[2][0]]
+        a1 = [gate_out[0][0][t].exp().item() for t in range(20)]
+        for t in steps[2][0]:  # active at step 3: α₁·h₁ + (1 − α₁)·h₂
+            assert rel_err(soft[2][t], a1[t] * h[1][t] + (1 - a1[t]) * h[2][t]) <= 1e-12
+        assert frozen and steps[2][0]  # step 3 has frozen and active tokens
+        assert rel_err(soft[4][frozen], acc[frozen]) <= 1e-12  # frozen: their final output
+        for n in range(1, 5):
+            src = soft[n - 1] if kv_source == "soft_halted" else h[n - 1]
+            k_want = model.layer.attn.kv(model.layer.ln1(src)).view(2, 10, 2, 2, 16)
+            k_want = k_want[:, :, 0].transpose(1, 2)
+            assert rel_err(cache[n - 1].k, k_want) <= 1e-12, n
+        assert rel_err(soft[2], h[2]) > 1e-3  # from step 3 on the two sources differ
 
 
 def _recorder(fn: Callable[..., Any], seen: list) -> Callable[..., Any]:
@@ -211,9 +279,10 @@ def test_causality(halting: str) -> None:
     assert_causal(model, tokens(2, 10), 6)
 
 
+@pytest.mark.parametrize("kv_source", ["soft_halted", "state"])
 @pytest.mark.parametrize("halting", ["none", "mixed", "all_early"])
-def test_cached_decoding_matches_full_forward(halting: str) -> None:
-    model = tiny()
+def test_cached_decoding_matches_full_forward(halting: str, kv_source: str) -> None:
+    model = tiny(kv_source=kv_source)
     if halting == "mixed":
         mixed_halting(model)
     elif halting == "all_early":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 from torch import Tensor
 
@@ -29,19 +30,51 @@ def _rel(a: Tensor, b: Tensor) -> float:
 
 
 def _expected_parameters(cfg: UMoEConfig) -> int:
-    """Closed form: bank + low-rank/residual/shared queries + key + 2 shared experts + routers."""
+    """Closed form: bank + low-rank/residual/shared queries + key + 2 shared experts + routers
+    + the rank-r query norm (reference code: one weight vector of width r per layer)."""
     d, E, F_, R, Q = cfg.d_model, cfg.num_experts, cfg.expert_hidden, cfg.q_rank, cfg.d_qk
     per_layer = 2 * E * d * F_ + E * (d * R + R * Q) + 3 * d * Q + 2 * 2 * d * F_ + 2 * E * d
+    per_layer += R if cfg.q_norm else 0
     return cfg.n_layers * (per_layer + 2 * d) + 2 * cfg.vocab_size * d + d
 
 
 def test_parameter_counts() -> None:
-    for name in ("umoe_tiny", "umoe_small"):
-        cfg = preset(name)
+    for name, q_norm in (("umoe_tiny", True), ("umoe_small", True), ("umoe_tiny", False)):
+        cfg = preset(name, q_norm=q_norm)
         model = build_model(cfg, device="meta")
         assert sum(p.numel() for p in model.parameters()) == _expected_parameters(cfg)
     # umoe_small: 540.5M, of which 453M in the 12 shared banks
     assert abs(_expected_parameters(preset("umoe_small")) / 540.5e6 - 1) < 0.001
+
+
+def _rms(u: list[float], eps: float) -> list[float]:
+    scale = (sum(x * x for x in u) / len(u) + eps) ** -0.5
+    return [x * scale for x in u]
+
+
+@pytest.mark.parametrize("q_norm", [True, False])
+def test_routed_query_has_the_reference_rank_norm(q_norm: bool) -> None:
+    """q_{t,e} = B_eᵀ·(g ⊙ RMSNorm(A_eᵀ·x)) + W_qres·x (the reference's `q_a_layernorm`), by hand
+    in plain floats; without the norm (q_norm=false) B_eᵀ·(A_eᵀ·x) + W_qres·x."""
+    att = _tiny(q_norm=q_norm).layers[0].att
+    if q_norm:
+        with torch.no_grad():  # a learned gain: make it matter
+            att.q_norm.weight.copy_(torch.linspace(0.5, 2.0, att.q_a.shape[2]))
+    g = torch.Generator().manual_seed(3)
+    x_TD = torch.randn(3, 64, generator=g, dtype=torch.float64)
+    expert_TK = torch.tensor([[5, 1], [0, 7], [2, 2]])
+    got_TKQ = att.routed_queries(x_TD, expert_TK)
+    eps = att.q_norm.eps if q_norm else 0.0
+    for t in range(3):
+        x = x_TD[t].tolist()
+        res = [sum(w * v for w, v in zip(row, x)) for row in att.q_res.weight.tolist()]
+        for k, e in enumerate(expert_TK[t].tolist()):
+            A, Bm = att.q_a[e].tolist(), att.q_b[e].tolist()  # [D, R], [R, Q]
+            u = [sum(x[i] * A[i][r] for i in range(64)) for r in range(len(A[0]))]
+            if q_norm:
+                u = [v * w for v, w in zip(_rms(u, eps), att.q_norm.weight.tolist())]
+            q = [sum(u[r] * Bm[r][j] for r in range(len(u))) + res[j] for j in range(len(res))]
+            assert _rel(got_TKQ[t, k], torch.tensor(q, dtype=torch.float64)) <= 1e-12
 
 
 def test_causality() -> None:
