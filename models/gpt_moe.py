@@ -23,7 +23,7 @@ from models.common.experts import MLPExperts
 from models.common.layers import Embedding
 from models.common.moe import MoEFeedForward
 from models.common.router import TopKRouter
-from models.registry import ModelSpec
+from models.spec import ModelSpec, register
 
 
 @dataclass
@@ -95,24 +95,33 @@ class GPTMoE(nn.Module):
         return self.ln_f(x_BSD) @ self.tok_emb.weight.T  # tied LM head
 
 
-SPEC = ModelSpec(
-    family="gpt_moe",
-    config_cls=GPTMoEConfig,
-    builder=GPTMoE,
-    presets={
-        "tiny": GPTMoEConfig(),
-        # CPU-sized benchmark model (perf/): d 256, 8 layers, 16 experts, seq 256
-        "bench": GPTMoEConfig(d_model=256, n_layers=8, n_heads=8, num_experts=16, max_seq_len=512),
-        "s": GPTMoEConfig(
-            vocab_size=50257, d_model=768, n_layers=12, n_heads=12, num_experts=64, max_seq_len=2048
-        ),
-        "l": GPTMoEConfig(
-            vocab_size=50257,
-            d_model=1536,
-            n_layers=12,
-            n_heads=16,
-            num_experts=64,
-            max_seq_len=2048,
-        ),
-    },
+SPEC = register(
+    ModelSpec(
+        name="gpt_moe",
+        config_cls=GPTMoEConfig,
+        builder=GPTMoE,
+        presets={
+            "tiny": GPTMoEConfig(),
+            # CPU-sized benchmark model (perf/): d 256, 8 layers, 16 experts, seq 256
+            "bench": GPTMoEConfig(
+                d_model=256, n_layers=8, n_heads=8, num_experts=16, max_seq_len=512
+            ),
+            "s": GPTMoEConfig(
+                vocab_size=50257,
+                d_model=768,
+                n_layers=12,
+                n_heads=12,
+                num_experts=64,
+                max_seq_len=2048,
+            ),
+            "l": GPTMoEConfig(
+                vocab_size=50257,
+                d_model=1536,
+                n_layers=12,
+                n_heads=16,
+                num_experts=64,
+                max_seq_len=2048,
+            ),
+        },
+    )
 )

@@ -27,7 +27,7 @@ from models.common.layers import Embedding, Linear
 from models.common.mamba import MambaCache, MambaMixer
 from models.common.moe import MoEFeedForward
 from models.common.router import TopKRouter
-from models.registry import ModelSpec
+from models.spec import ModelSpec, register
 
 
 @dataclass
@@ -189,30 +189,32 @@ def active_parameters(model: nn.Module) -> int:
     return total - idle
 
 
-SPEC = ModelSpec(
-    family="jamba",
-    config_cls=JambaConfig,
-    builder=Jamba,
-    presets={
-        "tiny": JambaConfig(),
-        # AI21's Jamba-v0.1: 52B total, 12B active
-        "v0_1": JambaConfig(
-            vocab_size=65536,
-            d_model=4096,
-            n_layers=32,
-            n_heads=32,
-            n_kv_heads=8,
-            d_ff=14336,
-            attn_period=8,
-            attn_offset=4,
-            expert_period=2,
-            expert_offset=1,
-            num_experts=16,
-            top_k=2,
-            d_state=16,
-            d_conv=4,
-            expand=2,
-            dt_rank=256,
-        ),
-    },
+SPEC = register(
+    ModelSpec(
+        name="jamba",
+        config_cls=JambaConfig,
+        builder=Jamba,
+        presets={
+            "tiny": JambaConfig(),
+            # AI21's Jamba-v0.1: 52B total, 12B active
+            "v0_1": JambaConfig(
+                vocab_size=65536,
+                d_model=4096,
+                n_layers=32,
+                n_heads=32,
+                n_kv_heads=8,
+                d_ff=14336,
+                attn_period=8,
+                attn_offset=4,
+                expert_period=2,
+                expert_offset=1,
+                num_experts=16,
+                top_k=2,
+                d_state=16,
+                d_conv=4,
+                expand=2,
+                dt_rank=256,
+            ),
+        },
+    )
 )

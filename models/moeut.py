@@ -34,7 +34,7 @@ from models.common.experts import ExpertBank, LinearExperts, MLPExperts
 from models.common.layers import Embedding, Linear, reset_unless_meta
 from models.common.moe import moe_combine, record_routing
 from models.common.router import Routing, TopKRouter, route, router_dtype, skew_bias
-from models.registry import ModelSpec
+from models.spec import ModelSpec, register
 
 
 @dataclass
@@ -351,18 +351,20 @@ def _published(
     )
 
 
-SPEC = ModelSpec(
-    family="moeut",
-    config_cls=MoEUTConfig,
-    builder=MoEUT,
-    presets={
-        "tiny": MoEUTConfig(),
-        # (d, layers, heads, d_head, FFN experts, k, attention experts, G); vocab 8000
-        "44m": _published(412, 16, 4, 82, 155, 12, 8, 2),
-        "126m": _published(768, 18, 4, 96, 254, 12, 10, 2),
-        "244m": _published(1024, 18, 4, 128, 387, 16, 10, 2),
-        "318m": _published(1024, 24, 4, 128, 338, 16, 10, 3),
-        "727m": _published(1024, 36, 5, 128, 467, 20, 13, 4),
-        "1b": _published(1536, 36, 6, 128, 565, 24, 12, 4),
-    },
+SPEC = register(
+    ModelSpec(
+        name="moeut",
+        config_cls=MoEUTConfig,
+        builder=MoEUT,
+        presets={
+            "tiny": MoEUTConfig(),
+            # (d, layers, heads, d_head, FFN experts, k, attention experts, G); vocab 8000
+            "44m": _published(412, 16, 4, 82, 155, 12, 8, 2),
+            "126m": _published(768, 18, 4, 96, 254, 12, 10, 2),
+            "244m": _published(1024, 18, 4, 128, 387, 16, 10, 2),
+            "318m": _published(1024, 24, 4, 128, 338, 16, 10, 3),
+            "727m": _published(1024, 36, 5, 128, 467, 20, 13, 4),
+            "1b": _published(1536, 36, 6, 128, 565, 24, 12, 4),
+        },
+    )
 )

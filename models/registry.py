@@ -1,53 +1,61 @@
-"""The model↔runtime contract: a small typed spec per family (name, config, builder, sizes).
+"""The zoo by name: every model module registers its own `ModelSpec` (models/spec.py).
 
-`model=<family>_<size>` in hydra resolves to a preset config from here (DESIGN.md §4).
+`model=<family>_<size>` in hydra resolves to a preset config from here (DESIGN.md §4). The zoo's
+modules are found, not listed: every top-level module of the `models` package is imported once,
+the first time a spec is needed, and registers its family (models/README.md, "Adding a model").
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+import importlib
+import pkgutil
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
+import models
 from models.common.experts import name_banks
 from models.common.init import init_weights
+from models.spec import ModelSpec, registered
+
+__all__ = ["ModelSpec", "build_model", "model_presets", "model_specs", "preset", "spec_for"]
+
+_NOT_FAMILIES = {"registry", "spec"}
+_loaded = False
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    family: str
-    config_cls: type
-    builder: Callable[[Any], nn.Module]
-    # size name -> preset config (a `config_cls` instance); `model=<family>_<size>`
-    presets: dict[str, Any] = field(default_factory=dict)
-
-
-def _specs() -> dict[str, ModelSpec]:
-    # Imported here so that importing the registry stays cheap for callers that need one family.
-    from models import gpt_moe
-
-    specs = [gpt_moe.SPEC]
-    for mod_name in ("moeut", "sut", "umoe", "jamba"):
-        try:
-            mod = __import__(f"models.{mod_name}", fromlist=["SPEC"])
-        except ModuleNotFoundError as e:
-            if e.name != f"models.{mod_name}":
-                raise
-            continue
-        specs.append(mod.SPEC)
-    return {s.family: s for s in specs}
+def _load_zoo() -> None:
+    """Import every model module of the package once; each registers its spec on import."""
+    global _loaded
+    if _loaded:
+        return
+    for info in pkgutil.iter_modules(models.__path__):
+        if not info.ispkg and info.name not in _NOT_FAMILIES:
+            importlib.import_module(f"models.{info.name}")
+    _loaded = True
 
 
 def model_specs() -> dict[str, ModelSpec]:
-    return _specs()
+    """Every registered family: name -> spec."""
+    _load_zoo()
+    return registered()
+
+
+def spec_for(cfg: Any) -> ModelSpec:
+    """The spec of a model config (by its `family` field)."""
+    specs = model_specs()
+    family = getattr(cfg, "family", None)
+    if family not in specs:
+        raise KeyError(f"unknown model family {family!r}; known: {', '.join(sorted(specs))}")
+    return specs[family]
 
 
 def model_presets() -> dict[str, Any]:
     """Every `<family>_<size>` preset config."""
-    return {f"{s.family}_{size}": cfg for s in _specs().values() for size, cfg in s.presets.items()}
+    specs = model_specs().values()
+    return {f"{s.name}_{size}": cfg for s in specs for size, cfg in s.presets.items()}
 
 
 def preset(name: str, **overrides: Any) -> Any:
@@ -74,12 +82,9 @@ def build_model(
     ([Note: sharded init] in models/common/init.py), never on the global RNG. With `dtype` the
     model is converted on meta first, so values are drawn directly in that dtype.
     """
-    specs = _specs()
-    family = getattr(cfg, "family", None)
-    if family not in specs:
-        raise KeyError(f"unknown model family {family!r}; known: {', '.join(sorted(specs))}")
+    spec = spec_for(cfg)
     with torch.device("meta"):
-        model = specs[family].builder(cfg)
+        model = spec.builder(cfg)
     name_banks(model)
     if dtype is not None:
         model = model.to(dtype)

@@ -41,8 +41,8 @@ from models.common.context import MoEContext
 from models.common.experts import ExpertBank, LinearExperts, MLPExperts
 from models.common.layers import Embedding, Linear, reset_unless_meta
 from models.common.moe import record_routing
-from models.common.router import Routing, route, router_dtype, skew_bias
-from models.registry import ModelSpec
+from models.common.router import Router, Routing, route, router_dtype, skew_bias
+from models.spec import ModelSpec, register
 
 
 @dataclass
@@ -69,7 +69,7 @@ class SUTConfig:
     route_skew: float = 0.0
 
 
-class MLPRouter(nn.Module):
+class MLPRouter(Router):
     """SUT router: Linear(D, D) → tanh → Linear(D, E, no bias); logits in fp32 (fp64)."""
 
     def __init__(self, d_model: int, num_experts: int, route_skew: float) -> None:
@@ -368,28 +368,30 @@ class SUT(nn.Module):
             ctx.add_aux("act", cfg.aux_act * depth)
 
 
-SPEC = ModelSpec(
-    family="sut",
-    config_cls=SUTConfig,
-    builder=SUT,
-    presets={
-        "tiny": SUTConfig(),
-        # WMT14 En-De base (reference scripts/params_de_base.sh) as a decoder-only LM over a
-        # 32k joined BPE vocabulary; published dropout 0.2 and ACT 0 (dropout 0 here keeps runs
-        # world-size invariant).
-        "base": SUTConfig(
-            vocab_size=32768,
-            d_model=512,
-            max_steps=6,
-            att_experts=24,
-            att_top_k=4,
-            att_expert_dim=256,
-            d_head=64,
-            num_experts=24,
-            top_k=4,
-            expert_hidden=512,
-            aux_mi=0.1,
-            aux_act=0.0,
-        ),
-    },
+SPEC = register(
+    ModelSpec(
+        name="sut",
+        config_cls=SUTConfig,
+        builder=SUT,
+        presets={
+            "tiny": SUTConfig(),
+            # WMT14 En-De base (reference scripts/params_de_base.sh) as a decoder-only LM over a
+            # 32k joined BPE vocabulary; published dropout 0.2 and ACT 0 (dropout 0 here keeps runs
+            # world-size invariant).
+            "base": SUTConfig(
+                vocab_size=32768,
+                d_model=512,
+                max_steps=6,
+                att_experts=24,
+                att_top_k=4,
+                att_expert_dim=256,
+                d_head=64,
+                num_experts=24,
+                top_k=4,
+                expert_hidden=512,
+                aux_mi=0.1,
+                aux_act=0.0,
+            ),
+        },
+    )
 )

@@ -34,7 +34,7 @@ from models.common.experts import ExpertBank, MLPExperts
 from models.common.layers import Embedding, Linear, reset_unless_meta
 from models.common.moe import moe_combine, record_routing
 from models.common.router import TopKRouter
-from models.registry import ModelSpec
+from models.spec import ModelSpec, register
 
 
 @dataclass
@@ -218,23 +218,25 @@ class UMoE(nn.Module):
         return self.lm_head(self.norm_f(x_BSD))
 
 
-SPEC = ModelSpec(
-    family="umoe",
-    config_cls=UMoEConfig,
-    builder=UMoE,
-    presets={
-        "tiny": UMoEConfig(),
-        # ysngki/UMoE small-vanilla-UMoE-1024 (vocab 32000, d_qk = 128 nope + 64 rope)
-        "small": UMoEConfig(
-            vocab_size=32000,
-            d_model=768,
-            n_layers=12,
-            num_experts=128,
-            expert_hidden=192,
-            top_k_att=3,
-            top_k_ffn=15,
-            q_rank=16,
-            d_qk=192,
-        ),
-    },
+SPEC = register(
+    ModelSpec(
+        name="umoe",
+        config_cls=UMoEConfig,
+        builder=UMoE,
+        presets={
+            "tiny": UMoEConfig(),
+            # ysngki/UMoE small-vanilla-UMoE-1024 (vocab 32000, d_qk = 128 nope + 64 rope)
+            "small": UMoEConfig(
+                vocab_size=32000,
+                d_model=768,
+                n_layers=12,
+                num_experts=128,
+                expert_hidden=192,
+                top_k_att=3,
+                top_k_ffn=15,
+                q_rank=16,
+                d_qk=192,
+            ),
+        },
+    )
 )

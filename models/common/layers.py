@@ -41,9 +41,7 @@ class Linear(nn.Linear):
     weight.
     """
 
-    def __init__(
-        self, d_in: int, d_out: int, bias: bool = True, std: float | None = None
-    ) -> None:
+    def __init__(self, d_in: int, d_out: int, bias: bool = True, std: float | None = None) -> None:
         self.std = std  # read by reset_parameters, which nn.Linear.__init__ calls
         super().__init__(d_in, d_out, bias=bias)
 

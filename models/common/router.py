@@ -37,7 +37,19 @@ def skew_bias(num_experts: int, route_skew: float) -> Tensor:
     return -route_skew * torch.log1p(torch.arange(num_experts, dtype=torch.float64))
 
 
-class TopKRouter(nn.Module):
+class Router(nn.Module):
+    """Base class of every router module in the zoo: `logits(x_TD) -> [T, E]` pre-activation
+    scores in fp32 (fp64 for fp64 models), skew bias included. The runtime finds routers with
+    `isinstance(module, Router)` (to time them, for instance), never by class name. A family's
+    router subclasses it and sets `num_experts`."""
+
+    num_experts: int
+
+    def logits(self, x_TD: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class TopKRouter(Router):
     """Linear scores → softmax or sigmoid → top-k, optionally renormalised gates.
 
     `route_skew` (Zipf exponent, 0 = off) adds a fixed bias to the logits to force skewed

@@ -17,9 +17,9 @@ from torch import Tensor, nn
 
 from models.common.experts import ExpertBank, MLPExperts
 from models.common.init import init_weights
-from models.registry import build_model, model_specs, preset
+from models.registry import build_model, model_presets, model_specs, preset
 
-TINY = ["gpt_moe_tiny", "moeut_tiny", "sut_tiny", "umoe_tiny", "jamba_tiny"]
+TINY = sorted(n for n in model_presets() if n.endswith("_tiny"))  # every registered family
 
 
 def _state(model: nn.Module) -> dict[str, Tensor]:
@@ -35,6 +35,10 @@ def _meta_to_nan(cfg: object) -> nn.Module:
             if t.dtype.is_floating_point:
                 t.fill_(math.nan)
     return model
+
+
+def test_every_family_is_covered() -> None:
+    assert {"gpt_moe_tiny", "moeut_tiny", "sut_tiny", "umoe_tiny", "jamba_tiny"} <= set(TINY)
 
 
 def test_same_seed_same_values_different_seed_different_values() -> None:
