@@ -1,5 +1,8 @@
 """The model house: families register their own specs, the registry lists none, FSDP units and
-routers are found by the spec's hook and by `isinstance`, and models/ imports no runtime."""
+routers are found by the spec's hook and by `isinstance`, and models/ imports no runtime.
+
+Legend: B batch, S sequence, D model width.
+"""
 
 from __future__ import annotations
 
