@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fssdp.rules import above, at_least, one_of
+
 STRATEGIES = ("none", "ddp", "fsdp", "ep", "fssdp")
 PLAN_MODES = ("predict", "exact", "calibrate")
 
@@ -25,3 +27,17 @@ class ParallelConfig:
     rematerialize: bool = False  # free replicas after forward, gather again before backward
     reshard_every: int = 100  # K: heterogeneous re-sharding period in steps (0 = never)
     collective_algorithm: str = "auto"  # sparse collectives: auto | a2a | tree
+
+
+# Checked by launch/validation.py before any rank starts; each rule's `bad` value is tested.
+RULES = (
+    one_of("strategy", STRATEGIES),
+    above("timeout_s", 0, "e.g. {key}=300 (seconds a collective may wait)"),
+    at_least("ranks_per_node", 0, "e.g. {key}=0 (from torchrun)", note="0 = from torchrun"),
+    one_of("plan_mode", PLAN_MODES, "e.g. {key}=exact"),
+    at_least("memory_cap", 0, "e.g. {key}=2 (extra expert slots per rank per bank)"),
+    at_least("overlap_degree", -1, "e.g. {key}=-1", note="-1 = from measured timings"),
+    at_least("load_window", 1, "e.g. {key}=5"),
+    at_least("reshard_every", 0, "e.g. {key}=100", note="0 = never"),
+    one_of("collective_algorithm", ("auto", "a2a", "tree")),
+)

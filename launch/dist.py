@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import os
+import sys
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from launch.errors import UserError, os_error_line
 from models.common.context import BatchReducer
+
+T = TypeVar("T")
+# The agent's TCPStore under torchrun (it outlives a worker restart), else None; and the store
+# this attempt's ranks share (failure reports). Set by init_distributed.
+_AGENT_STORE: Any = None
+_ATTEMPT_STORE: Any = None
+_FAILURE_KEY = "fssdp_failure"
 
 
 @dataclass(frozen=True)
@@ -50,8 +62,9 @@ def init_distributed(timeout_s: float) -> DistInfo:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
+        global _ATTEMPT_STORE
         timeout = timedelta(seconds=timeout_s)
-        store = _attempt_store(timeout)
+        store = _ATTEMPT_STORE = _attempt_store(timeout)
         if store is None:
             dist.init_process_group(backend, timeout=timeout, device_id=None)
         else:
@@ -68,9 +81,90 @@ def _attempt_store(timeout: timedelta) -> dist.Store | None:
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if restart is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
         return None
+    global _AGENT_STORE
     addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    store = dist.TCPStore(addr, port, is_master=False, timeout=timeout)
+    store = _AGENT_STORE = dist.TCPStore(addr, port, is_master=False, timeout=timeout)
     return dist.PrefixStore(f"fssdp/attempt_{restart}", store)
+
+
+def job_token() -> str:
+    """An id of this job that a torchrun restart keeps (the run-directory lock recognises its
+    own job by it): kept in the agent's store, which outlives the workers; else per process."""
+    mine = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+    if _AGENT_STORE is None:
+        return mine
+    return _AGENT_STORE.compare_set("fssdp/job_token", "", mine).decode()
+
+
+# [Note: failure propagation]
+# A rank that fails alone (its disk is full, its data file unreadable) exits with its one line;
+# the others then see a collective fail ("connection closed") or time out, and would say "a rank
+# stopped answering". So:
+# - rank-0-only work (lock, run directory, manifest, renames) runs in `on_main`: rank 0 does it,
+#   broadcasts the outcome, and every rank raises the same failure: nobody waits on a dead rank;
+# - any other failure is written to the attempt's store (`report_failure`, first failure wins)
+#   before the rank exits; a rank whose collective then fails reads it (`peer_failure`) and says
+#   "rank r failed: …". Under torchrun the store lives in the agent, so it outlives the failing
+#   rank; without torchrun rank 0 hosts it, and when rank 0 is the one that died, the others
+#   can only say that it stopped answering.
+
+
+def on_main(fn: Callable[[], T], is_main: bool) -> T:
+    """Run `fn` on rank 0 only; every rank returns its result or raises its failure (UserError
+    or OSError, as one line), so no rank is left waiting for a rank that already gave up."""
+    result: Any = None
+    error: str | None = None
+    if is_main:
+        try:
+            result = fn()
+        except UserError as e:
+            error = str(e)
+        except OSError as e:
+            error = os_error_line(e)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise UserError(error if is_main else f"rank 0 failed: {error}")
+    return result
+
+
+def _store() -> Any:
+    if _ATTEMPT_STORE is not None:
+        return _ATTEMPT_STORE
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()
+
+
+def report_failure(message: str) -> None:
+    """Leave this rank's one line where the others can read it (first failure wins)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    try:
+        _store().compare_set(_FAILURE_KEY, "", f"{dist.get_rank()}\t{message}")
+    except Exception as e:  # noqa: BLE001 - the store may be gone with its host; say so, go on
+        print(
+            f"fssdp: warning: could not report the failure to the other ranks ({e})",
+            file=sys.stderr,
+        )
+
+
+def peer_failure() -> str | None:
+    """`rank r failed: …` when another rank reported a failure, else None."""
+    if not dist.is_initialized():
+        return None
+    try:
+        store = _store()
+        if not store.check([_FAILURE_KEY]):
+            return None
+        rank, _, message = store.get(_FAILURE_KEY).decode().partition("\t")
+    except Exception:  # noqa: BLE001 - the store died with the failed rank: nothing to read
+        return None
+    if int(rank) == dist.get_rank():
+        return None
+    return f"rank {rank} failed: {message}"
 
 
 def batch_reducer(group: dist.ProcessGroup | None = None) -> BatchReducer:

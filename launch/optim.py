@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fssdp.rules import above, at_least, between
+
 
 @dataclass
 class OptimConfig:
@@ -19,6 +21,21 @@ class OptimConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # cosine ends at min_lr_ratio · lr
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
+
+
+# Checked by launch/validation.py before any rank starts; each rule's `bad` value is tested.
+# A negative lr or clip coefficient turns every step into ascent: refused, not clamped.
+RULES = (
+    # Above 1e30 AdamW's float32 step size overflows (a traceback inside torch.optim).
+    above("lr", 0, "e.g. {key}=3e-3", hi=1e30),
+    at_least("weight_decay", 0, "e.g. {key}=0.01"),
+    between("beta1", 0, 1, "e.g. {key}=0.9", hi_open=True),
+    between("beta2", 0, 1, "e.g. {key}=0.95", hi_open=True),
+    above("eps", 0, "e.g. {key}=1e-8"),
+    at_least("warmup_steps", 0, "e.g. {key}=20"),
+    between("min_lr_ratio", 0, 1, "e.g. {key}=0.1"),
+    at_least("grad_clip", 0, "e.g. {key}=1.0", note="0 = no clipping", finite=False),
+)
 
 
 def no_weight_decay(name: str, ndim: int) -> bool:

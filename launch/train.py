@@ -18,9 +18,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from launch import checkpoint as ckpt
 from launch.build import build_trainer
-from launch.checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint
-from launch.errors import EXIT_USER_ERROR, UserError, fail
-from launch.validation import resume_mode, validate
+from launch.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
+from launch.ckpt_errors import FALLBACK_KINDS, config_change
+from launch.dist import on_main, peer_failure, report_failure
+from launch.errors import EXIT_USER_ERROR, UserError, fail, os_error_line
+from launch.lock import acquire, release_held
+from launch.validation import check_known_keys, resume_mode, validate
 
 
 def compose_config(overrides: list[str]) -> tuple[DictConfig, str]:
@@ -52,6 +55,7 @@ def compose_config(overrides: list[str]) -> tuple[DictConfig, str]:
     run_dir = str(cfg.hydra.run.dir)
     with open_dict(cfg):
         del cfg["hydra"]
+    check_known_keys(cfg)
     return cfg, run_dir
 
 
@@ -67,30 +71,42 @@ def run(job: DictConfig, run_dir_hint: str) -> None:
     if not cfg.parallel.ranks_per_node:
         check_nodes_agree(info.ranks_per_node)
     run_dir = Path(_agree(run_dir_hint))
-    check_resume(run_dir, mode, cfg.train.resume_fallback)
+    on_main(lambda: take_run_dir(run_dir, mode), info.is_main)
+    check_resume(run_dir, mode, cfg.train)
     trainer = build_trainer(cfg, info, run_dir)
     if mode != "false":
-        resumed = trainer.resume(fallback=cfg.train.resume_fallback)
+        resumed = resume(trainer, cfg, job, run_dir)
         if resumed is None:  # lines of an attempt that died before its first checkpoint
             trainer.metrics.truncate_after(0)
         if info.is_main and (resumed is not None or mode == "true"):
             print(f"resumed from step {resumed}" if resumed else "no checkpoint: starting fresh")
+    text = OmegaConf.to_yaml(job)
+    on_main(lambda: write_config(run_dir, text), info.is_main)
     if info.is_main:
-        write_config(run_dir, OmegaConf.to_yaml(job))
         print(topology_line(trainer.par, info), flush=True)
     history = trainer.fit()
     if info.is_main:
         print_summary(run_dir, history)
 
 
-def check_resume(run_dir: Path, mode: str, fallback: bool) -> None:
-    """Before any heavy work: the run directory and its latest checkpoint suit `mode`."""
-    ckpts = run_dir / "checkpoints"
-    if mode == "true" and not ckpts.is_dir():
+def take_run_dir(run_dir: Path, mode: str) -> None:
+    """Rank 0: lock the run directory for this job (launch/lock.py), creating it."""
+    if mode == "true" and not (run_dir / "checkpoints").is_dir():  # before creating anything
         raise UserError(
-            f"train.resume=true but {ckpts} does not exist: pass the run's "
+            f"train.resume=true but {run_dir / 'checkpoints'} does not exist: pass the run's "
             "directory as hydra.run.dir=<run dir>"
         )
+    try:
+        acquire(run_dir)
+        ckpt.recover_interrupted(run_dir / "checkpoints")
+    except OSError as e:
+        what = f"cannot use run directory {run_dir} (hydra.run.dir)"
+        raise UserError(os_error_line(e, what)) from e
+
+
+def check_resume(run_dir: Path, mode: str, t: Any) -> None:
+    """Before any heavy work: the run directory and its checkpoints suit `mode`."""
+    ckpts = run_dir / "checkpoints"
     found = latest_checkpoint(ckpts)
     if mode == "false" and found is not None:
         raise UserError(
@@ -98,11 +114,32 @@ def check_resume(run_dir: Path, mode: str, fallback: bool) -> None:
             "train.resume=false would overwrite them: use train.resume=auto to continue, "
             "or another hydra.run.dir to start fresh"
         )
-    if mode != "false" and found is not None and not fallback:
-        try:  # a truncated file is found here; what only loading reveals, in Trainer.resume
-            verify_checkpoint(found[1])
+    if t.resume_step:
+        steps = {s: p for s, p in list_checkpoints(ckpts)}
+        if t.resume_step not in steps:
+            raise UserError(
+                f"train.resume_step={t.resume_step}: {ckpts} has no checkpoint of that step "
+                f"(saved: {', '.join(map(str, steps)) or 'none'}): pick one of those"
+            )
+        found = (t.resume_step, steps[t.resume_step])
+    if mode != "false" and found is not None and not t.resume_fallback:
+        try:  # sizes only, cheap; checksums and what only loading reveals: Trainer.resume
+            ckpt.verify_checkpoint(found[1], checksums=False)
         except CheckpointError as e:
-            raise UserError(f"{e}: {ckpt.FALLBACK_HINT}") from e
+            hint = f": {ckpt.FALLBACK_HINT}" if e.kind in FALLBACK_KINDS else ""
+            raise UserError(f"{e}{hint}") from e
+
+
+def resume(trainer: Any, cfg: Any, job: DictConfig, run_dir: Path) -> int | None:
+    """Trainer.resume; a checkpoint that does not fit this config names the keys that differ
+    from the run's config.yaml."""
+    try:
+        return trainer.resume(fallback=cfg.train.resume_fallback, step=cfg.train.resume_step)
+    except CheckpointError as e:
+        if e.kind != "mismatch":
+            raise
+        current = OmegaConf.to_container(job)
+        raise UserError(f"{e}; {config_change(run_dir, current)}") from e  # type: ignore[arg-type]
 
 
 def write_config(run_dir: Path, text: str) -> None:
@@ -189,9 +226,11 @@ def main(argv: list[str] | None = None) -> None:
         job, run_dir = compose_config(overrides)
         run(job, run_dir)
     except UserError as e:
-        fail(str(e))
+        _stop(str(e))
+    except OSError as e:  # a file-system error anywhere (full disk, ESTALE, read-only, removed)
+        _stop(os_error_line(e))
     except RuntimeError as e:  # CollectiveError and the backends' timeout / lost-peer errors
-        line = distributed_failure(e)
+        line = peer_failure() or distributed_failure(e)
         if line is None:
             raise
         # A peer stopped answering: tearing down the process groups (or the interpreter, whose
@@ -200,10 +239,19 @@ def main(argv: list[str] | None = None) -> None:
         # checkpoints are already complete (written to a temporary name, then renamed).
         print(f"fssdp: error: {line}", file=sys.stderr, flush=True)
         sys.stdout.flush()
+        release_held()
         os._exit(EXIT_USER_ERROR)
     finally:
+        release_held()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _stop(message: str) -> None:
+    """This rank's one line: left in the store for the other ranks, then printed; exit 2."""
+    report_failure(message)
+    release_held()
+    fail(message)
 
 
 if __name__ == "__main__":

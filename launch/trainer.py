@@ -20,11 +20,15 @@ from torch import Tensor
 from torch.distributed.checkpoint.stateful import Stateful
 
 from fssdp.phases import PhaseTimer, time_routers
+from fssdp.rules import Rule, RuleError, at_least, one_of
+from fssdp.rules import check as check_rules
 from fssdp.strategies.base import Parallelized
 from launch import checkpoint as ckpt
+from launch.ckpt_errors import FALLBACK_KINDS
 from launch.data import DataError, GlobalBatchSampler
-from launch.dist import DistInfo, all_gather_floats, batch_reducer
+from launch.dist import DistInfo, batch_reducer
 from launch.errors import UserError
+from launch.gather import all_gather_rows
 from launch.metrics import MetricsLogger, expert_load_imbalance, peak_rss_bytes
 from launch.optim import OptimConfig, set_lr
 from launch.profile import StepProfiler, TraceRecorder, gather_phases
@@ -47,18 +51,52 @@ class TrainConfig:
     # torchrun restart needs); true: require the checkpoints folder; false: start fresh
     resume: str = "auto"
     resume_fallback: bool = False  # an unusable latest checkpoint: set it aside, load the previous
+    # Resume from this step's checkpoint instead of the latest (0: the latest); the checkpoints
+    # after it are kept aside as step_….rolled_back (e.g. after a NaN stop, with a lower lr).
+    resume_step: int = 0
     progress: bool = True  # rank-0 progress line at every log step
     phase_timing: bool = True  # per-rank phase times and spans of every logged step
     profile_steps: list[int] = field(default_factory=list)  # [a, b]: torch.profiler, steps a..b
     routing_trace: bool = False  # rank 0 writes <run>/routing_trace.jsonl (tokens per expert)
 
-    def __post_init__(self) -> None:
-        p = list(self.profile_steps)
-        if p and not (len(p) == 2 and 1 <= p[0] <= p[1] <= self.steps):
-            raise UserError(
-                f"train.profile_steps={p}: give two steps [a,b] with 1 ≤ a ≤ b ≤ train.steps="
-                f"{self.steps} (e.g. train.profile_steps=[3,5])"
-            )
+    def __post_init__(self) -> None:  # also checked here: to_object callers get it too
+        try:
+            check_rules("train", self, [r for r in TRAIN_RULES if r.key == "profile_steps"])
+        except RuleError as e:
+            raise UserError(str(e)) from e
+
+
+def _profile_ok(p: Any, cfg: TrainConfig) -> bool:
+    p = list(p)
+    return not p or (len(p) == 2 and 1 <= p[0] <= p[1] <= cfg.steps)
+
+
+# Checked by launch/validation.py before any rank starts; each rule's `bad` value is tested.
+TRAIN_RULES = (
+    at_least("steps", 1, "e.g. {key}=200"),
+    at_least("global_batch_size", 1, "e.g. {key}=16"),
+    at_least("seq_len", 1, "e.g. {key}=128"),
+    one_of("dtype", DTYPES, "e.g. {key}=float32"),
+    at_least("log_every", 1, "e.g. {key}=10"),
+    at_least("val_every", 0, "e.g. {key}=100", note="0 = only at the end"),
+    at_least("ckpt_every", 0, "e.g. {key}=100", note="0 = only at the end"),
+    at_least("keep_last", 0, "e.g. {key}=3", note="0 = keep all"),
+    Rule(
+        "resume",
+        lambda v, _: str(v).strip().lower() in ("auto", "true", "false"),
+        "auto | true | false",
+        "e.g. {key}=auto",
+        "maybe",
+    ),
+    at_least("resume_step", 0, "e.g. {key}=100 (a step in <run>/checkpoints)", note="0 = latest"),
+    Rule(
+        "profile_steps",
+        _profile_ok,
+        "two steps [a,b] with 1 ≤ a ≤ b ≤ train.steps",
+        "e.g. {key}=[3,5]",
+        [0, 1],
+    ),
+)
 
 
 def param_dtype(cfg: TrainConfig) -> torch.dtype:
@@ -74,10 +112,10 @@ class ModelOptimState(Stateful):
         self.par, self.opt = par, opt
 
     def state_dict(self) -> dict[str, Any]:
-        return self.par.state_dict(self.opt)
+        return self.par.checkpoint.state_dict(self.opt)
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.par.load_state_dict(sd, self.opt)
+        self.par.checkpoint.load_state_dict(sd, self.opt)
 
 
 def lm_loss(logits_BSV: Tensor, targets_BS: Tensor, reducer: BatchReducer) -> Tensor:
@@ -125,7 +163,7 @@ class Trainer:
         cfg, info = self.cfg, self.info
         self.phases = PhaseTimer(info.device)
         if cfg.phase_timing:
-            self.par.set_phase_timer(self.phases)
+            self.par.instrument(self.phases)
             time_routers(self.par.model, self.phases)
         self.profiler = StepProfiler(list(cfg.profile_steps), self.run_dir, info.rank, info.device)
         self.trace: TraceRecorder | None = None
@@ -153,29 +191,42 @@ class Trainer:
             "rng": torch.get_rng_state(),
         }
 
-    def resume(self, fallback: bool = False, path: Path | None = None) -> int | None:
-        """Load the latest checkpoint (or `path`) and return its step; None when there is none.
+    def resume(self, fallback: bool = False, path: Path | None = None, step: int = 0) -> int | None:
+        """Load the latest checkpoint (or `path`, or that of `step`) and return its step; None
+        when there is none. Checkpoints after the one loaded are renamed `.rolled_back`.
 
-        An unusable checkpoint is a UserError; with `fallback` it is renamed `<name>.corrupt`
-        (kept, out of the way of retention and later resumes) and the previous one is tried.
+        An unusable checkpoint is a CheckpointError (a UserError); with `fallback`, a damaged one
+        is renamed `<name>.corrupt` (kept, out of the way of retention and later resumes) and the
+        previous one is tried. One that does not fit this run's config is not set aside.
         """
         if self.info.is_main:
             ckpt.recover_interrupted(self.ckpt_root)
         ckpt.barrier()
         found = ckpt.list_checkpoints(self.ckpt_root)[::-1]
         candidates = [(ckpt.step_of(path), path)] if path is not None else found
-        for i, (step, where) in enumerate(candidates):
+        if step:
+            candidates = [(s, p) for s, p in candidates if s <= step]
+            if not candidates or candidates[0][0] != step:
+                raise UserError(
+                    f"train.resume_step={step}: {self.ckpt_root} has no checkpoint of that step "
+                    f"(saved: {', '.join(str(s) for s, _ in found[::-1]) or 'none'})"
+                )
+        for i, (at, where) in enumerate(candidates):
             try:
                 self._load(where)
-                return step
             except ckpt.CheckpointError as e:
+                if e.kind not in FALLBACK_KINDS:
+                    raise
                 if not fallback:
-                    raise UserError(f"{e}: {ckpt.FALLBACK_HINT}") from e
+                    raise ckpt.CheckpointError(f"{e}: {ckpt.FALLBACK_HINT}", e.kind) from e
                 if i == len(candidates) - 1:
                     raise UserError(
                         f"{e}; no earlier checkpoint is usable: start a new hydra.run.dir"
                     ) from e
                 ckpt.set_aside(where, str(e), self.info.is_main)
+                continue
+            ckpt.roll_back_after(self.ckpt_root, at, self.info.is_main)
+            return at
         return None
 
     def _load(self, path: Path) -> None:
@@ -184,15 +235,33 @@ class Trainer:
         try:
             self.sampler.load_state_dict(state["sampler"])
         except DataError as e:
-            raise UserError(f"{e} (checkpoint {path})") from e
+            raise ckpt.CheckpointError(f"checkpoint {path}: {e}", "mismatch") from e
+        if not self._params_finite():
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} holds non-finite parameters (training had diverged when it "
+                f"was saved): resume from an earlier one with train.resume_step=<step>",
+                "diverged",
+            )
         torch.set_rng_state(state["rng"])
         self.step = int(state["scheduler"]["step"])
         self.metrics.truncate_after(self.step)
 
     def save(self) -> Path:
+        if not self._params_finite():  # a diverged state must not become the latest checkpoint
+            raise UserError(
+                f"parameters are not finite at step {self.step}: training stopped and no "
+                f"checkpoint was written from this state; {self._recovery_hint()}"
+            )
         return ckpt.save_checkpoint(
             self.ckpt_root, self.step, self._state(), self.info.is_main, self.cfg.keep_last
         )
+
+    def _params_finite(self) -> bool:
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        return ckpt.all_finite(params, self.info.device)
+
+    def _recovery_hint(self) -> str:
+        return ckpt.recovery_hint(self.ckpt_root)
 
     # -- steps -------------------------------------------------------------------------------
     def _autocast(self):  # noqa: ANN202
@@ -221,7 +290,7 @@ class Trainer:
         if not torch.isfinite(loss.detach()):
             raise UserError(
                 f"loss is {loss.item()} at step {self.step + 1}: training stopped and no "
-                "checkpoint was written from this state; lower optim.lr or use train.dtype=float32"
+                f"checkpoint was written from this state; {self._recovery_hint()}"
             )
         with ph.phase("backward"):
             loss.backward()
@@ -236,11 +305,11 @@ class Trainer:
             if not math.isfinite(float(gnorm)):  # stop before the update poisons the weights
                 raise UserError(
                     f"gradient norm is {float(gnorm)} at step {self.step + 1}: training stopped "
-                    "before the update and no checkpoint was written from this state; lower "
-                    "optim.lr or use train.dtype=float32"
+                    "before the update and no checkpoint was written from this state; "
+                    f"{self._recovery_hint()}"
                 )
             set_lr(self.opt, self.step, self.cfg.steps, self.optim_cfg)
-            self.par.optimizer_step(self.opt)
+            self.opt.step()  # the strategy's end of step runs as its post-hook
             self.opt.zero_grad(set_to_none=True)
         self.step += 1
         step_time = time.perf_counter() - t0
@@ -276,12 +345,14 @@ class Trainer:
         return total / max(1, len(self.val_data))
 
     def _record(self, out: dict[str, Any]) -> dict[str, Any]:
-        """Gather the step's per-rank figures into one metrics.jsonl record (every rank calls)."""
-        dev = self.info.device
-        rank_times = all_gather_floats(out["step_time"], dev)
-        expert_t = self.par.expert_time_s()
-        rank_expert = all_gather_floats(expert_t, dev) if expert_t is not None else None
-        mean_expert = sum(rank_expert) / len(rank_expert) if rank_expert else 0.0
+        """Gather the step's per-rank figures into one metrics.jsonl record (every rank calls;
+        one all-gather of a small vector per rank, plus the phase spans when timed)."""
+        local = self.par.local_metrics()
+        kinds = sorted(local.comm_bytes)
+        mine = [out["step_time"], local.expert_time_s, local.state_bytes, peak_rss_bytes()]
+        rows = all_gather_rows(mine + [local.comm_bytes[k] for k in kinds], self.info.device)
+        rank_times, rank_expert = [r[0] for r in rows], [r[1] for r in rows]
+        mean_expert = sum(rank_expert) / len(rank_expert)
         step_time = max(rank_times)
         record = {
             "step": self.step,
@@ -295,10 +366,11 @@ class Trainer:
             "rank_expert_time_s": rank_expert,
             "straggler_ratio": (max(rank_expert) / mean_expert) if mean_expert > 0 else None,
             "expert_load_imbalance": expert_load_imbalance(out["load"]),
-            "comm_bytes": self.par.comm_bytes(),
-            "replicas": self.par.placements(),  # replicas per expert per bank in this step
-            "model_state_bytes": all_gather_floats(float(self.par.state_bytes(self.opt)), dev),
-            "peak_rss_bytes": [int(v) for v in all_gather_floats(float(peak_rss_bytes()), dev)],
+            # bytes sent this step, summed over ranks, by collective
+            "comm_bytes": {k: int(sum(r[4 + i] for r in rows)) for i, k in enumerate(kinds)},
+            "replicas": local.replicas,  # replicas per expert per bank in this step
+            "model_state_bytes": [r[2] for r in rows],
+            "peak_rss_bytes": [int(r[3]) for r in rows],
             "expert_load": {b: [int(v) for v in c.tolist()] for b, c in out["load"].items()},
         }
         if out.get("phases") is not None:  # the same on every rank: timing follows will_log

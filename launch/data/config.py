@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+from fssdp.rules import at_least, between, one_of
+
 
 class DataError(ValueError):
     """Bad data input; the message is one line naming the problem and the fix."""
@@ -22,3 +24,16 @@ class DataConfig:
     val_batches: int = 4  # fixed validation batches (of global batch size) to evaluate
     synthetic_tokens: int = 1_000_000  # synthetic: train stream length (val is extra)
     synthetic_seed: int = 1234  # synthetic: the dataset's own seed, independent of the run seed
+
+
+# Checked by launch/validation.py before any rank starts; each rule's `bad` value is tested.
+# (data.path / data.val_path are checked when the files are opened.)
+RULES = (
+    one_of("name", ("pystdlib", "tokens", "synthetic"), "e.g. data=pystdlib"),
+    one_of("token_dtype", ("uint16", "uint32")),
+    at_least("vocab_size", 2, "set {key} to the tokenizer's vocabulary size"),
+    between("val_fraction", 0, 1, "e.g. {key}=0.05", hi_open=True),
+    at_least("val_batches", 0, "e.g. {key}=4", note="0 = no validation"),
+    at_least("synthetic_tokens", 2, "e.g. {key}=1000000"),
+    at_least("synthetic_seed", 0, "e.g. {key}=1234"),
+)

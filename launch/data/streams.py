@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sysconfig
 import zlib
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from launch.data.config import DataConfig, DataError
+from launch.errors import os_error_text
 
 _HINT = "(see README 'Data')"
 # Left out of pystdlib: installed packages, caches, and the test suites (a third of the bytes,
@@ -20,7 +22,9 @@ _SKIP_DIRS = frozenset(
     {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
 )
 _TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
-_MAX_CHECK = 1_000_000  # tokens scanned for ids >= vocab_size (cheap; catches a wrong vocab)
+_SCAN_CHUNK = 1 << 24  # tokens per np.max over a token file (the whole file is checked)
+_MAX_IDS: dict[str, int] = {}  # file identity -> its largest token id (this process)
+_CACHE_ENTRIES = 256  # files remembered in ~/.cache/fssdp/token_max.json
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,16 @@ def _pystdlib_arrays(root: str, val_fraction: float) -> tuple[np.ndarray, np.nda
 
 def _read_concat(root: str, rels: list[str]) -> np.ndarray:
     # frombuffer over bytes is read-only, so the cached array is safe to share.
-    return np.frombuffer(b"".join((Path(root) / r).read_bytes() for r in rels), np.uint8)
+    parts = []
+    for r in rels:
+        try:
+            parts.append((Path(root) / r).read_bytes())
+        except OSError as e:
+            raise DataError(
+                f"pystdlib file cannot be read ({os_error_text(e)}): fix its permissions or point "
+                f"data.path at another directory {_HINT}"
+            ) from e
+    return np.frombuffer(b"".join(parts), np.uint8)
 
 
 def load_pystdlib(cfg: DataConfig) -> tuple[TokenStream, TokenStream]:
@@ -104,26 +117,72 @@ def _open_tokens(path: str | None, key: str, dtype: type) -> np.ndarray:
     if path is None:
         raise DataError(f"{key} is not set for data=tokens: {fix}")
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{key} '{path}' is a directory, not a token file: {fix}")
     if not p.is_file():
         raise DataError(f"{key} '{path}' does not exist: {fix}")
-    size, item = p.stat().st_size, np.dtype(dtype).itemsize
-    if size == 0:
-        raise DataError(f"{key} '{path}' is empty: {fix}")
-    if size % item:
-        raise DataError(
-            f"{key} '{path}' has {size} bytes, not a multiple of {item}: "
-            f"is data.token_dtype={np.dtype(dtype).name} right?"
-        )
-    return np.memmap(p, dtype=dtype, mode="r")
+    try:
+        size, item = p.stat().st_size, np.dtype(dtype).itemsize
+        if size == 0:
+            raise DataError(f"{key} '{path}' is empty: {fix}")
+        if size % item:
+            raise DataError(
+                f"{key} '{path}' has {size} bytes, not a multiple of {item}: "
+                f"is data.token_dtype={np.dtype(dtype).name} right?"
+            )
+        return np.memmap(p, dtype=dtype, mode="r")
+    except OSError as e:  # unreadable (permissions), a stale NFS handle, an I/O error
+        raise DataError(f"{key} cannot be read ({os_error_text(e)}): {fix}") from e
 
 
-def _check_vocab(stream: TokenStream, key: str) -> None:
-    head = np.asarray(stream.tokens[:_MAX_CHECK])
-    if len(head) and int(head.max()) >= stream.vocab_size:
-        raise DataError(
-            f"{key} holds token id {int(head.max())} >= data.vocab_size={stream.vocab_size}: "
-            f"set data.vocab_size to the tokenizer's vocabulary size (or check data.token_dtype)"
-        )
+def _cache_file() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fssdp" / "token_max.json"
+
+
+def _max_token(tokens: np.ndarray, path: str) -> int:
+    """The largest id in the whole file, vectorised in chunks; cached by the file's identity
+    (path, size, mtime) in this process and in ~/.cache/fssdp, so a run pays it once per file."""
+    st = os.stat(path)
+    ident = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{tokens.dtype}"
+    if ident in _MAX_IDS:
+        return _MAX_IDS[ident]
+    cache = _cache_file()
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    if isinstance(known.get(ident), int):
+        _MAX_IDS[ident] = known[ident]
+        return known[ident]
+    top = max(int(tokens[i : i + _SCAN_CHUNK].max()) for i in range(0, len(tokens), _SCAN_CHUNK))
+    _MAX_IDS[ident] = known[ident] = top
+    known = dict(list(known.items())[-_CACHE_ENTRIES:])  # newest last; bounded
+    try:  # best effort: another rank may write it at the same time (last one wins, same value)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return top
+
+
+def _check_vocab(tokens: np.ndarray, path: str, key: str, vocab: int) -> None:
+    top = _max_token(tokens, path)
+    if top < vocab:
+        return
+    first = next(
+        i + int(np.argmax(tokens[i : i + _SCAN_CHUNK] >= vocab))
+        for i in range(0, len(tokens), _SCAN_CHUNK)
+        if (tokens[i : i + _SCAN_CHUNK] >= vocab).any()
+    )
+    raise DataError(
+        f"{key} holds token id {top} >= data.vocab_size={vocab} (first at token {first}): set "
+        f"data.vocab_size to the tokenizer's vocabulary size (or check data.token_dtype)"
+    )
 
 
 def load_tokens(cfg: DataConfig) -> tuple[TokenStream, TokenStream]:
@@ -139,8 +198,9 @@ def load_tokens(cfg: DataConfig) -> tuple[TokenStream, TokenStream]:
         cut = len(tokens) - int(len(tokens) * cfg.val_fraction)
         train = TokenStream(tokens[:cut], cfg.vocab_size, f"tokens train ({cfg.path})")
         val = TokenStream(tokens[cut:], cfg.vocab_size, f"tokens val (tail of {cfg.path})")
-    _check_vocab(train, "data.path")
-    _check_vocab(val, "data.val_path" if cfg.val_path else "data.path")
+    _check_vocab(tokens, str(cfg.path), "data.path", cfg.vocab_size)  # the whole file, once
+    if cfg.val_path is not None:
+        _check_vocab(val.tokens, cfg.val_path, "data.val_path", cfg.vocab_size)
     return train, val
 
 

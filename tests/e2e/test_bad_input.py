@@ -1,24 +1,23 @@
 """Bad input: one line `fssdp: error: …` naming the problem and the fix, exit code 2, and nothing
 already saved is changed (an existing run's files are hashed before and after).
 
-Cases that fail before training run in one driver process that calls `launch.train.main` once per
-case (the same function `python -m launch.train` runs; `fail()` exits with SystemExit(2)), which
-saves a torch import per case. Corrupt checkpoints and a NaN loss run as real processes.
+Every case runs in one driver process (tests/support/driver.py) that calls `launch.train.main`
+once per case, which saves a torch import per case: the cases that fail before training, and
+the damaged, mismatched or diverged checkpoints, which load a model and train a few steps.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.launch import ENV, python_train, read_metrics
+from tests.support.driver import Driver, hashes, one_line
+from tests.support.launch import read_metrics
 
 SMALL = [
     "model=gpt_moe_tiny",
@@ -33,21 +32,38 @@ SMALL = [
 ]
 WORLD2 = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}
 
-# (overrides, extra environment, text the line must contain); run against an existing run dir.
+# (overrides, extra environment, text the line must contain); `{run}` is an existing run
+# (checkpoints at steps 1 and 2), `{file}` a plain file, `{locked}` a run held by a live job.
 EARLY: list[tuple[list[str], dict[str, str], str]] = [
     (["model=does_not_exist"], {}, "unknown model 'does_not_exist'"),
     (["parallel=bogus"], {}, "unknown parallel 'bogus'"),
     (["train.steps"], {}, "malformed override"),
     (["train.steps=abc"], {}, "bad override"),
     (["model.no_such_key=1"], {}, "bad override"),
+    (["+train.foo=1"], {}, "unknown config key train.foo"),
+    (["+model.n_layer=1"], {}, "unknown config key model.n_layer (did you mean model.n_layers?)"),
     (["data=tokens"], {}, "data.path is not set"),
     (["data=tokens", "data.path=/no/such/train.bin"], {}, "'/no/such/train.bin' does not exist"),
+    (["data=tokens", "data.path={run}/checkpoints"], {}, "is a directory, not a token file"),
     (["train.dtype=int8"], {}, "train.dtype"),
     (["train.seq_len=100000"], {}, "exceeds model.max_seq_len"),
     (["model.top_k=9"], {}, "top_k=9 must be in [1, num_experts=8]"),
-    (["train.resume=maybe"], {}, "train.resume='maybe': use auto, true or false"),
+    (["train.resume=maybe"], {}, "train.resume='maybe' is not allowed (must be auto | true"),
     (["train.resume=false"], {}, "already holds checkpoints (latest: step 2)"),
+    (["train.resume_step=7"], {}, "has no checkpoint of that step (saved: 1, 2)"),
+    (["train.resume_step=1", "train.resume=false"], {}, "train.resume_step=1 with train.resume"),
     (["parallel.timeout_s=0"], {}, "parallel.timeout_s=0"),
+    # Values that used to pass (and train backwards, or crash later): the rule tables.
+    (["optim.grad_clip=-1"], {}, "optim.grad_clip=-1.0 is not allowed (must be ≥ 0"),
+    (["optim.lr=-1"], {}, "optim.lr=-1.0 is not allowed (must be in (0, 1e+30]"),
+    (["optim.lr=nan"], {}, "optim.lr=nan is not allowed"),
+    (["optim.lr=1e39"], {}, "optim.lr=1e+39 is not allowed"),
+    (["train.log_every=0"], {}, "train.log_every=0 is not allowed (must be ≥ 1"),
+    (["parallel.memory_cap=-1"], {}, "parallel.memory_cap=-1 is not allowed (must be ≥ 0"),
+    # The run directory: a file, under a file, or held by another job.
+    (["hydra.run.dir={file}"], {}, "is a file, not a directory: use another path"),
+    (["hydra.run.dir={file}/run"], {}, "Not a directory [ENOTDIR]"),
+    (["hydra.run.dir={locked}"], {}, f"is in use by host {os.uname().nodename} pid"),
     # A config the world cannot host fails before the rendezvous (no other rank is started).
     (["train.global_batch_size=3"], WORLD2, "does not split evenly over 2 ranks"),
     (["parallel.ranks_per_node=3", "parallel=ddp"], WORLD2, "does not divide the world size 2"),
@@ -55,103 +71,161 @@ EARLY: list[tuple[list[str], dict[str, str], str]] = [
 ]
 
 
-def drive() -> None:
-    """Driver process: run each case of stdin's JSON through launch.train.main."""
-    import contextlib
-    import io
-
-    from launch.train import main
-
-    results = []
-    for args, env in json.load(sys.stdin):
-        saved = dict(os.environ)
-        os.environ.update(env)
-        err, out = io.StringIO(), io.StringIO()
-        code: object = 0
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-            try:
-                main(args)
-            except SystemExit as e:
-                code = e.code
-        os.environ.clear()
-        os.environ.update(saved)
-        results.append({"code": code, "stderr": err.getvalue(), "stdout": out.getvalue()})
-    json.dump(results, sys.__stdout__)
-
-
-def _train(args: list[str]) -> subprocess.CompletedProcess:
-    return python_train([*SMALL, *args], timeout=180)
-
-
-def _hashes(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
-def _one_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("fssdp: error: "), lines[0]
-    return lines[0]
+@pytest.fixture(scope="module")
+def driver() -> Iterator[Driver]:
+    with Driver() as d:
+        yield d
 
 
 @pytest.fixture(scope="module")
-def existing(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def existing(tmp_path_factory: pytest.TempPathFactory, driver: Driver) -> Path:
     """A finished run with checkpoints at steps 1 and 2."""
     run = tmp_path_factory.mktemp("bad") / "existing"
-    p = _train(["train.steps=2", "train.ckpt_every=1", "train.keep_last=0", f"hydra.run.dir={run}"])
-    assert p.returncode == 0, p.stderr[-3000:]
+    args = ["train.steps=2", "train.ckpt_every=1", "train.keep_last=0", f"hydra.run.dir={run}"]
+    got = driver.run([*SMALL, *args])
+    assert got["code"] == 0, got["stderr"][-3000:]
     return run
 
 
-def test_early_failures_are_one_line_exit_2_and_touch_nothing(existing: Path) -> None:
-    before = _hashes(existing)
-    cases = [([*SMALL, *args, f"hydra.run.dir={existing}"], env) for args, env, _ in EARLY]
-    cmd = [sys.executable, "-c", "from tests.e2e.test_bad_input import drive; drive()"]
-    p = subprocess.run(
-        cmd, input=json.dumps(cases), env=ENV, capture_output=True, text=True, timeout=180
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
-    for (args, _env, want), got in zip(EARLY, json.loads(p.stdout)):
-        assert got["code"] == 2, (args, got)
-        line = _one_line(got["stderr"])
-        assert want in line, (args, line)
-    assert _hashes(existing) == before
+def _locked_copy(existing: Path, where: Path) -> Path:
+    """A copy of the run whose lock a live process on this host holds (this test's parent)."""
+    from launch import lock
+
+    shutil.copytree(existing, where)
+    holder = {"host": os.uname().nodename, "pid": os.getppid(), "job": "someone-else"}
+    holder["start"] = lock._start_ticks(os.getppid())  # type: ignore[assignment]
+    (where / lock.LOCK_NAME).write_text(json.dumps(holder))
+    return where
 
 
-def test_corrupt_checkpoint_is_named_and_fallback_resumes_from_the_previous(
-    existing: Path, tmp_path: Path
+def test_early_failures_are_one_line_exit_2_and_touch_nothing(
+    existing: Path, tmp_path: Path, driver: Driver
 ) -> None:
-    run = tmp_path / "run"
-    shutil.copytree(existing, run)
+    places = {"run": existing, "file": tmp_path / "a_file", "locked": tmp_path / "locked"}
+    places["file"].write_text("not a directory")
+    _locked_copy(existing, places["locked"])
+    before = {k: hashes(p) for k, p in places.items() if p.is_dir()}
+    cases = []
+    for args, env, _ in EARLY:
+        args = [a.format(**places) for a in args]
+        at = (
+            []
+            if any(a.startswith("hydra.run.dir=") for a in args)
+            else [f"hydra.run.dir={existing}"]
+        )
+        cases.append(([*SMALL, *args, *at], env))
+    for (args, _env, want), got in zip(EARLY, [driver.run(*c) for c in cases]):
+        assert got["code"] == 2, (args, got)
+        line = one_line(got["stderr"])
+        assert want.format(**places) in line, (args, line)
+    assert {k: hashes(p) for k, p in places.items() if p.is_dir()} == before
+    assert places["file"].read_text() == "not a directory"
+
+
+def _corrupt(run: Path, how: str) -> None:
     data = next((run / "checkpoints" / "step_00000002").glob("*.distcp"))
-    data.write_bytes(data.read_bytes()[:1000])  # truncated by a full disk, say
-    before = _hashes(run)
-    p = _train(["train.steps=3", f"hydra.run.dir={run}"])
-    assert p.returncode == 2, p.stderr[-3000:]
-    line = _one_line(p.stderr)
-    assert "step_00000002 is truncated or corrupt" in line and "train.resume_fallback=true" in line
-    assert _hashes(run) == before
+    raw = bytearray(data.read_bytes())
+    if how == "truncate":  # by a full disk, say
+        raw = raw[:1000]
+    elif how == "same_size":  # 4 KiB of random bytes inside: only a checksum sees it
+        raw[20_000:24_096] = os.urandom(4096)
+    else:  # "old_manifest": a checkpoint of an older version (sizes only), bytes overwritten
+        manifest = data.parent / "manifest.json"
+        manifest.write_text(json.dumps({"files": json.loads(manifest.read_text())["files"]}))
+        raw[:512] = os.urandom(512)
+    data.write_bytes(bytes(raw))
 
-    p = _train(["train.steps=3", "train.resume_fallback=true", f"hydra.run.dir={run}"])
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "resumed from step 1" in p.stdout
-    assert "moved to" in p.stderr and "step_00000002.corrupt" in p.stderr
-    kept = run / "checkpoints" / "step_00000002.corrupt"
-    assert _hashes(kept) == {k.split("/", 2)[2]: v for k, v in before.items() if "02/" in k}
-    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+
+# (run, overrides, exit code, text in stderr (the one line when the code is 2))
+CKPT_CASES: list[tuple[str, list[str], int, str]] = [
+    ("truncate", [], 2, "step_00000002 is truncated or corrupt"),
+    ("truncate", ["train.resume_fallback=true"], 0, "step_00000002.corrupt"),
+    ("same_size", [], 2, "does not match its recorded checksum"),
+    ("same_size", ["train.resume_fallback=true"], 0, "step_00000002.corrupt"),
+    ("old_manifest", [], 2, "cannot be loaded, it is damaged"),
+    ("old_manifest", ["train.resume_fallback=true"], 0, "step_00000002.corrupt"),
+    ("shape", ["model.d_model=128"], 2, "in model.d_model (64 → 128)"),
+    ("shape", ["model.n_layers=1", "train.resume_fallback=true"], 2, "model.n_layers (2 → 1)"),
+    ("rollback", ["train.resume_step=1"], 0, ""),
+    # From step 2 with an absurd lr: step 3 is saved with finite but diverged weights, step 4
+    # stops; the advice (a lower lr from an earlier checkpoint) then works.
+    ("nan", ["optim.lr=1e30", "train.steps=4"], 2, "loss is nan at step 4"),
+    ("nan", ["train.resume_step=2", "train.steps=4"], 0, ""),
+]
+
+
+@pytest.fixture(scope="module")
+def ckpt_runs(existing: Path, tmp_path_factory: pytest.TempPathFactory, driver: Driver) -> dict:
+    """Copies of the run, damaged as named; every case of CKPT_CASES run in one driver."""
+    root = tmp_path_factory.mktemp("ckpt")
+    runs = {name: root / name for name, *_ in CKPT_CASES}
+    for name, run in runs.items():
+        shutil.copytree(existing, run)
+        if name in ("truncate", "same_size", "old_manifest"):
+            _corrupt(run, name)
+    before = {name: hashes(run) for name, run in runs.items() if run.exists()}
+    cases = []
+    for name, args, *_ in CKPT_CASES:
+        steps = [] if any(a.startswith("train.steps=") for a in args) else ["train.steps=3"]
+        cases.append(
+            ([*SMALL, *steps, "train.ckpt_every=1", *args, f"hydra.run.dir={runs[name]}"], {})
+        )
+    return {"runs": runs, "before": before, "results": [driver.run(*c) for c in cases]}
+
+
+@pytest.mark.parametrize(
+    "i", range(len(CKPT_CASES)), ids=[" ".join(c[1]) or c[0] for c in CKPT_CASES]
+)
+def test_checkpoint_failure_is_one_line_and_recovery_works(ckpt_runs: dict, i: int) -> None:
+    name, _args, code, want = CKPT_CASES[i]
+    got = ckpt_runs["results"][i]
+    assert got["code"] == code, got["stderr"][-3000:]
+    if code == 2:
+        assert want in one_line(got["stderr"])
+    else:
+        assert want in got["stderr"]
+        assert f"resumed from step {2 if name == 'nan' else 1}" in got["stdout"]
+
+
+def test_failed_resumes_change_nothing_and_fallback_keeps_the_damaged(
+    ckpt_runs: dict, existing: Path
+) -> None:
+    runs, before = ckpt_runs["runs"], ckpt_runs["before"]
+    # Two refused resumes (found while loading, after the model was built): every saved file is
+    # unchanged; the only new files are the empty tensorboard event files of those attempts.
+    after = hashes(runs["shape"])
+    assert {k: after.get(k) for k in before["shape"]} == before["shape"]
+    assert all(k.startswith("tensorboard/") for k in after.keys() - before["shape"].keys())
     want = {r["step"]: r["loss"] for r in read_metrics(existing)}
-    assert read_metrics(run)[1]["loss"] == pytest.approx(want[2], rel=1e-6)
+    for name in ("truncate", "same_size", "old_manifest"):
+        kept = runs[name] / "checkpoints" / "step_00000002.corrupt"
+        was = {k.split("/", 2)[2]: v for k, v in before[name].items() if "02/" in k}
+        assert hashes(kept) == was, name
+        rows = read_metrics(runs[name])
+        assert [r["step"] for r in rows] == [1, 2, 3]
+        assert rows[1]["loss"] == pytest.approx(want[2], rel=1e-6)  # step 2 again, from step 1
 
 
-def test_nan_loss_stops_naming_the_step_and_saves_nothing_from_it(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    p = _train(["train.steps=4", "train.ckpt_every=1", "optim.lr=1e30", f"hydra.run.dir={run}"])
-    assert p.returncode == 2, p.stderr[-3000:]
-    line = _one_line(p.stderr)
-    assert "at step 2" in line and "no checkpoint was written" in line, line
-    assert [c.name for c in (run / "checkpoints").iterdir()] == ["step_00000001"]
-    assert [r["step"] for r in read_metrics(run)] == [1]
+def test_resume_step_rolls_later_checkpoints_aside(ckpt_runs: dict) -> None:
+    run, before = ckpt_runs["runs"]["rollback"], ckpt_runs["before"]["rollback"]
+    kept = run / "checkpoints" / "step_00000002.rolled_back"
+    assert hashes(kept) == {k.split("/", 2)[2]: v for k, v in before.items() if "02/" in k}
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["step_00000001", "step_00000002", "step_00000002.rolled_back", "step_00000003"]
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+    assert (run / "metrics.rolled_back.jsonl").exists()
+
+
+def test_nan_stop_names_the_step_and_the_fix_and_saves_nothing_from_it(ckpt_runs: dict) -> None:
+    stop = one_line(ckpt_runs["results"][9]["stderr"])
+    assert "no checkpoint was written" in stop and "lower optim.lr" in stop
+    assert "train.resume_step=<step> (saved: 1, 2, 3; the latest may" in stop
+    run = ckpt_runs["runs"]["nan"]  # then resumed with train.resume_step=2 and the default lr
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == [  # step 1 went by train.keep_last=3; the diverged step 3 is kept aside
+        "step_00000002",
+        "step_00000003",
+        "step_00000003.rolled_back",
+        "step_00000004",
+    ]
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]

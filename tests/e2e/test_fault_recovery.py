@@ -103,6 +103,8 @@ def test_sigkill_of_a_worker_restarts_resumes_and_finishes(tmp_path: Path) -> No
     rolled = (run / "metrics.rolled_back.jsonl").read_text().splitlines()
     assert rolled, "the first attempt's steps past the checkpoint are kept aside"
     assert [s for s, _ in _checkpoints(run)] == [STEPS - 2, STEPS]  # keep_last=2
+    # The restarted attempt took the run-directory lock back as the same job, and let it go.
+    assert "took over" not in out and not (run / "run.lock").exists()
 
 
 def _checkpoints(run: Path) -> list[tuple[int, Path]]:

@@ -28,8 +28,6 @@ ARGS = [
 ]
 
 
-
-
 def _agent(port: int, run: Path, log: Path) -> subprocess.Popen:
     cmd = [
         sys.executable,
@@ -85,7 +83,7 @@ def test_slurm_script_launches_a_job(tmp_path: Path) -> None:
     (shims / "scontrol").write_text("#!/bin/sh\necho 127.0.0.1\n")
     for shim in shims.iterdir():
         shim.chmod(0o755)
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     run = tmp_path / "run"
     env = {
         **ENV,

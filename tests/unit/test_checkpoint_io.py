@@ -4,6 +4,8 @@ torch.distributed (DCP runs in single-process mode)."""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import warnings
 from pathlib import Path
@@ -14,7 +16,7 @@ import torch
 from launch import checkpoint as ckpt
 
 
-class Crash(Exception):
+class Crash(BaseException):
     """Stands in for the process dying at the patched point."""
 
 
@@ -118,3 +120,134 @@ def test_truncated_or_missing_file_is_named(tmp_path: Path) -> None:
     data.unlink()
     with pytest.raises(ckpt.CheckpointError, match=f"missing file {data.name}"):
         ckpt.load_checkpoint(path, _state(1))
+
+
+# --- damage, mismatch, failed saves: one CheckpointError naming the checkpoint and the cause ---
+
+
+def _load(path: Path, state: dict[str, object]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ckpt.load_checkpoint(path, state)
+
+
+def test_damage_that_keeps_the_size_is_named(tmp_path: Path) -> None:
+    path = _save(tmp_path / "checkpoints", 1)
+    data = next(path.glob("*.distcp"))
+    raw = bytearray(data.read_bytes())
+    raw[1000:5096] = os.urandom(4096)  # 4 KiB inside the file: its size does not change
+    data.write_bytes(bytes(raw))
+    ckpt.verify_checkpoint(path, checksums=False)  # sizes alone cannot see it
+    with pytest.raises(ckpt.CheckpointError, match=f"{data.name} does not match its recorded"):
+        ckpt.verify_checkpoint(path)
+    with pytest.raises(ckpt.CheckpointError, match="checksum") as err:
+        _load(path, _state(1))
+    assert err.value.kind == "corrupt" and str(path) in str(err.value)
+
+
+def test_old_manifests_with_sizes_only_still_load(tmp_path: Path) -> None:
+    path = _save(tmp_path / "checkpoints", 1)
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    assert manifest["version"] == 2 and set(manifest["crc32"]) == set(manifest["files"])
+    (path / ckpt.MANIFEST).write_text(json.dumps({"files": manifest["files"]}))
+    state = _state(0)
+    _load(path, state)
+    assert torch.equal(state["app"]["w"], _state(1)["app"]["w"])  # type: ignore[index]
+    data = next(path.glob("*.distcp"))
+    raw = bytearray(data.read_bytes())
+    raw[:512] = os.urandom(512)  # without checksums only loading can tell
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ckpt.CheckpointError, match="cannot be loaded, it is damaged") as err:
+        _load(path, _state(1))
+    assert err.value.kind == "corrupt"
+
+
+def test_a_checkpoint_of_another_model_is_a_mismatch_not_damage(tmp_path: Path) -> None:
+    path = _save(tmp_path / "checkpoints", 1)
+    cases = {
+        "Size mismatch": {"app": {"w": torch.empty(64, 16)}, "scheduler": {"step": 0}},
+        "Missing key": {"app": {"w": torch.empty(64, 32), "v": torch.empty(2)}, "scheduler": {}},
+        "entries this model does not have": {"app": {"w": torch.empty(64, 32)}},  # no scheduler
+    }
+    for want, state in cases.items():
+        with pytest.raises(ckpt.CheckpointError, match=want) as err:
+            _load(path, state)
+        assert err.value.kind == "mismatch", want
+
+
+def _write_fails(exc: BaseException, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.distributed.checkpoint import filesystem
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise exc
+
+    monkeypatch.setattr(filesystem, "_write_item", fail)
+
+
+def test_a_failed_save_names_the_full_disk_and_leaves_no_tmp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "checkpoints"
+    _save(root, 1)
+    before = {p: p.read_bytes() for p in (root / "step_00000001").iterdir()}
+    _write_fails(OSError(errno.ENOSPC, "No space left on device"), monkeypatch)
+    with pytest.raises(ckpt.CheckpointError) as err:
+        _save(root, 2)
+    line = str(err.value)
+    assert "saving checkpoint" in line and "step_00000002" in line and "\n" not in line
+    assert "disk full" in line and "[ENOSPC]" in line and "MiB free" in line
+    assert "earlier checkpoints are untouched" in line
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000001"]  # no .tmp left
+    assert {p: p.read_bytes() for p in (root / "step_00000001").iterdir()} == before
+
+
+def test_keyboard_interrupt_inside_dcp_is_not_swallowed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DCP wraps every rank's exception, KeyboardInterrupt included, in CheckpointException."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from launch.ckpt_errors import failure_cause
+
+    _write_fails(KeyboardInterrupt(), monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path / "checkpoints", 1)
+    with pytest.raises(SystemExit):
+        failure_cause(CheckpointException("x", {0: (SystemExit(3), None)}))  # type: ignore[dict-item]
+
+
+def test_nothing_is_deleted_when_checkpoints_are_moved_aside(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        _save(root, step)
+    moved = ckpt.roll_back_after(root, 1, True)
+    assert [p.name for p in moved] == ["step_00000002.rolled_back", "step_00000003.rolled_back"]
+    assert [s for s, _ in ckpt.list_checkpoints(root)] == [1]
+    _save(root, 2)  # the same step again, on the new trajectory: the old one is not replaced
+    ckpt.roll_back_after(root, 1, True)
+    assert (root / "step_00000002.rolled_back.2").is_dir()
+    assert ckpt.set_aside(root / "step_00000001", "bad", True).name == "step_00000001.corrupt"
+    _save(root, 1)
+    assert ckpt.set_aside(root / "step_00000001", "bad", True).name == "step_00000001.corrupt.2"
+
+
+def test_config_change_names_the_keys(tmp_path: Path) -> None:
+    from launch.ckpt_errors import config_change
+
+    (tmp_path / "config.yaml").write_text(
+        "model:\n  d_model: 64\n  n_layers: 2\ntrain:\n  steps: 2\n  seq_len: 32\n"
+    )
+    now = {"model": {"d_model": 128, "n_layers": 2}, "train": {"steps": 9, "seq_len": 16}}
+    line = config_change(tmp_path, now)
+    assert "model.d_model (64 → 128)" in line and "seq_len" not in line  # model keys first
+    now["model"]["d_model"] = 64
+    line = config_change(tmp_path, now)
+    assert "train.seq_len (32 → 16)" in line and "train.steps" not in line  # steps may change
+    assert "no diff" in config_change(tmp_path / "missing", now)
+
+
+def test_all_finite() -> None:
+    good = [torch.ones(3), torch.zeros(2, 2)]
+    assert ckpt.all_finite(good, torch.device("cpu"))
+    assert not ckpt.all_finite([*good, torch.tensor([1.0, float("nan")])], torch.device("cpu"))
+    assert not ckpt.all_finite([torch.tensor([float("inf")])], torch.device("cpu"))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import json
+import os
 import zlib
 from pathlib import Path
 
@@ -159,8 +162,6 @@ def test_pystdlib_split_and_order(tmp_path: Path) -> None:
         build_streams(DataConfig(path=str(tmp_path), val_fraction=0.0))
 
 
-
-
 # --- tokens -------------------------------------------------------------------------------------
 
 
@@ -253,3 +254,73 @@ def test_synthetic_large_vocab() -> None:
         DataConfig(name="synthetic", vocab_size=100_000, synthetic_tokens=1000)
     )
     assert train.tokens.dtype == np.uint32 and int(train.tokens.max()) < 100_000
+
+
+def test_token_ids_are_checked_over_the_whole_file_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bad id past the first million tokens (the old prefix check) is found, vectorised and
+    cached by the file's identity (path, size, mtime) in ~/.cache/fssdp."""
+    from launch.data import streams
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(streams, "_SCAN_CHUNK", 1 << 16)  # several chunks in a small file
+    data = np.zeros(1_500_000, dtype=np.uint16)
+    data[1_234_567] = 500
+    path = tmp_path / "train.bin"
+    data.tofile(path)
+    cfg = DataConfig(name="tokens", path=str(path), vocab_size=256)
+    with pytest.raises(
+        DataError, match=r"token id 500 >= data.vocab_size=256 \(first at token 1234567\)"
+    ):
+        build_streams(cfg)
+    cache = json.loads((tmp_path / "cache" / "fssdp" / "token_max.json").read_text())
+    assert list(cache.values()) == [500]
+    ident = next(iter(cache))
+    (tmp_path / "cache" / "fssdp" / "token_max.json").write_text(json.dumps({ident: 7}))
+    streams._MAX_IDS.clear()
+    build_streams(cfg)  # the cached verdict is trusted while the file is the same file
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    with pytest.raises(DataError, match="token id 500"):  # a changed file is scanned again
+        build_streams(cfg)
+
+
+def test_unreadable_token_files_are_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As root nothing is unreadable: the open is patched to fail as it does for other users."""
+    from launch.data import streams
+
+    path = tmp_path / "train.bin"
+    np.arange(100, dtype=np.uint16).tofile(path)
+
+    def denied(p: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(p))
+
+    monkeypatch.setattr(streams.np, "memmap", denied)
+    with pytest.raises(DataError) as err:
+        build_streams(DataConfig(name="tokens", path=str(path)))
+    line = str(err.value)
+    assert f"data.path cannot be read ({path}: Permission denied [EACCES])" in line
+    assert "\n" not in line
+    with pytest.raises(DataError, match="is a directory, not a token file"):
+        build_streams(DataConfig(name="tokens", path=str(tmp_path)))
+
+
+def test_unreadable_pystdlib_file_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for i in range(40):
+        (tmp_path / f"m{i:02d}.py").write_text(f"<{i}>")
+    real = Path.read_bytes
+
+    def denied(self: Path) -> bytes:
+        if self.name == "m07.py":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    _pystdlib_arrays.cache_clear()
+    with pytest.raises(DataError, match=r"m07.py: Permission denied \[EACCES\]\): fix its"):
+        build_streams(DataConfig(path=str(tmp_path), val_fraction=0.5))
+    _pystdlib_arrays.cache_clear()
