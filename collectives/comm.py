@@ -1,6 +1,8 @@
-"""Shared plumbing: group queries, byte accounting, and waits that fail with a useful message.
+"""Shared plumbing: group queries, byte accounting, the two ways a sparse collective moves rows
+(one uneven all_to_all_single, or a round of point-to-point messages), and waits that fail with a
+useful message.
 
-Legend: W ranks in the group; `work` is a torch.distributed Work handle.
+Legend: W ranks in the group; `work` is a torch.distributed Work handle; X rows sent, R received.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+Group = dist.ProcessGroup | None
 
 
 class CollectiveError(RuntimeError):
@@ -124,3 +127,67 @@ def wait_all(
                 w.wait(timeout=timedelta(seconds=timeout_s))
 
     guarded(_wait, op, phase, group, timeout_s)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One collective call's context: this rank, the group, and what errors name."""
+
+    rank: int
+    world: int
+    group: Group
+    op: str
+    phase: str | None
+    timeout_s: float | None
+
+    @staticmethod
+    def of(group: Group, op: str, phase: str | None, timeout_s: float | None) -> Call:
+        rank, world = group_rank_world(group)
+        return Call(rank, world, group, op, phase, timeout_s)
+
+    def wait(self, works: Sequence[dist.Work | None]) -> None:
+        wait_all(works, self.op, self.phase, self.group, self.timeout_s)
+
+
+def issue_a2a(
+    call: Call,
+    send_XS: torch.Tensor,
+    recv_RS: torch.Tensor,
+    send_counts: list[int],
+    recv_counts: list[int],
+) -> dist.Work | None:
+    """Issue one uneven all_to_all_single of raw rows (async); every rank of the group joins.
+
+    send_XS holds the rows for rank 0 first, then rank 1, ...; recv_RS (contiguous) gets the
+    rows from rank 0 first. Counts are in rows.
+    """
+    send_XB, recv_RB = as_bytes(send_XS), as_bytes(recv_RS)
+
+    def issue() -> dist.Work | None:
+        return dist.all_to_all_single(
+            recv_RB, send_XB, recv_counts, send_counts, call.group, async_op=True
+        )
+
+    return guarded(issue, call.op, call.phase, call.group, call.timeout_s)
+
+
+def issue_p2p(
+    call: Call,
+    sends: Sequence[tuple[int, torch.Tensor]],
+    recvs: Sequence[tuple[int, torch.Tensor]],
+) -> list[dist.Work]:
+    """Issue one round of point-to-point messages, (group peer, contiguous rows) each, as one
+    batch_isend_irecv; sends first, in the order given. [] when this rank sits the round out
+    (nobody waits on it)."""
+    ops = [
+        dist.P2POp(dist.isend, as_bytes(buf), global_rank(call.group, peer), call.group)
+        for peer, buf in sends
+    ] + [
+        dist.P2POp(dist.irecv, as_bytes(buf), global_rank(call.group, peer), call.group)
+        for peer, buf in recvs
+    ]
+    if not ops:
+        return []
+    return guarded(
+        lambda: dist.batch_isend_irecv(ops), call.op, call.phase, call.group, call.timeout_s
+    )

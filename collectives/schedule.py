@@ -1,21 +1,35 @@
-"""Who sends which expert to whom, in which round; and the cost rule that picks an algorithm.
+"""Who sends which expert to whom, in which round; and the alpha-beta cost of such a schedule.
 
-Legend: a transfer is (e, src, dst): expert e's vector moves from rank src to rank dst. A
-schedule is a list of rounds, each a list of transfers that run concurrently. Everything here is
-a pure function of the placements, so every rank computes the same schedule with no messages.
+Legend: a transfer is (e, src, dst): expert e's row moves from rank src to rank dst. E experts,
+W ranks, N new holder pairs, M transfers, R rounds. A `Schedule` holds `xfer_M3` (int64 array of
+rows (e, src, dst), grouped by round) and `offsets` (R + 1 ints: round k is rows offsets[k] to
+offsets[k + 1]). Pairs (e, r) are keyed e * W + r. Builders are array code over the
+placements' holder pairs, a pure function of the placements, so every rank computes the same
+schedule with no messages.
+
+# [Note: schedules as arrays]
+Schedules are built per bank per step, at W up to 1024: one set difference of sorted pair keys,
+two sorts and a few elementwise ops, never a Python loop over experts or ranks. They are host
+metadata of a few thousand integers, so they are numpy arrays (an op costs ~1 us there against
+~5-25 us for a CPU torch op; both are exact integer arithmetic). Each rank then extracts its own
+part once (`Schedule.for_rank`, cached), which is small (what it sends and receives). Iterating a
+Schedule yields its rounds as lists of (e, src, dst) tuples, and a Schedule compares equal to
+such a list of lists, for tests and for reading.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal
 
+import numpy as np
+import torch
+
+from collectives.comm import CommStats
 from collectives.placement import Placement, Topology
 
 Transfer = tuple[int, int, int]  # (expert, src rank, dst rank)
-Schedule = list[list[Transfer]]
-Algorithm = Literal["a2a", "tree"]
+Message = tuple[int, tuple[int, ...]]  # (peer rank, experts ascending)
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,299 @@ class CostModel:
 
 
 DEFAULT_COST = CostModel()
+
+
+# -- placements as arrays ---------------------------------------------------------------------
+
+
+def pair_keys(p: Placement) -> np.ndarray:
+    """Sorted keys e * W + r of every holder pair (e, r) of `p`, int64.
+
+    Uses the placement's own pair arrays when it has them (`pairs_P()`, the tensor-backed
+    placement: sorted by expert, then rank), else builds them from `holders` once.
+    """
+    W = p.world_size
+    fast = getattr(p, "pairs_P", None)
+    if callable(fast):
+        pe, pr = fast()
+        if isinstance(pe, torch.Tensor) and isinstance(pr, torch.Tensor) and pe.shape == pr.shape:
+            return pe.cpu().numpy().astype(np.int64) * W + pr.cpu().numpy().astype(np.int64)
+    return pair_keys_from_holders(p)
+
+
+def pair_keys_from_holders(p: Placement) -> np.ndarray:
+    W = p.world_size
+    keys = [e * W + r for e, hs in enumerate(p.holders) for r in sorted(hs)]
+    return np.array(keys, dtype=np.int64)
+
+
+def owners(p: Placement) -> np.ndarray:
+    """Int64 [E]: the owner rank of each expert."""
+    fast = getattr(p, "owner_E", None)
+    if isinstance(fast, torch.Tensor) and tuple(fast.shape) == (p.num_experts,):
+        return fast.cpu().numpy().astype(np.int64)
+    return np.array(p.owner, dtype=np.int64).reshape(p.num_experts)
+
+
+@dataclass(frozen=True)
+class Diff:
+    """The holder pairs `big` adds to `small` (spAG direction), sorted by expert then rank:
+    expert_N, rank_N, and the owner of each, owner_N."""
+
+    num_experts: int
+    world_size: int
+    expert_N: np.ndarray
+    rank_N: np.ndarray
+    owner_N: np.ndarray
+
+    @staticmethod
+    def of(small: Placement, big: Placement) -> Diff:
+        W = big.world_size
+        new_N = np.setdiff1d(pair_keys(big), pair_keys(small), assume_unique=True)  # sorted
+        e_N = new_N // W
+        return Diff(big.num_experts, W, e_N, new_N % W, owners(big)[e_N])
+
+
+# -- the schedule object ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoundView:
+    """One rank's part of one round: messages it sends and receives, peers ascending."""
+
+    sends: tuple[Message, ...]
+    recvs: tuple[Message, ...]
+
+
+@dataclass(frozen=True)
+class RankView:
+    """One rank's part of a schedule: a RoundView per round (empty where it sits out)."""
+
+    rounds: tuple[RoundView, ...]
+    sent: int  # rows this rank sends, all rounds
+    recv: int  # rows it receives
+
+    def stats(self, row_bytes: int) -> CommStats:
+        return CommStats(self.sent * row_bytes, self.recv * row_bytes)
+
+
+def _offsets(sizes: Iterable[int]) -> list[int]:
+    out = [0]
+    for n in sizes:
+        out.append(out[-1] + int(n))
+    return out
+
+
+class Schedule:
+    """Rounds of transfers that run concurrently, round after round (see module legend)."""
+
+    __slots__ = ("xfer_M3", "offsets", "_round_M", "_views", "_rev")
+
+    def __init__(self, xfer_M3: np.ndarray, offsets: list[int]) -> None:
+        xfer_M3 = np.asarray(xfer_M3, dtype=np.int64).reshape(-1, 3)
+        if offsets[0] != 0 or offsets[-1] != xfer_M3.shape[0]:
+            raise ValueError(f"Schedule: offsets {offsets} do not cover {xfer_M3.shape[0]} rows")
+        self.xfer_M3, self.offsets = xfer_M3, offsets
+        self._round_M: np.ndarray | None = None
+        self._views: dict[int, RankView] = {}
+        self._rev: Schedule | None = None
+
+    @staticmethod
+    def empty() -> Schedule:
+        return Schedule(np.zeros((0, 3), dtype=np.int64), [0])
+
+    @staticmethod
+    def from_rounds(rounds: Iterable[Iterable[Transfer]]) -> Schedule:
+        rows: list[Transfer] = []
+        sizes: list[int] = []
+        for rnd in rounds:
+            got = [tuple(t) for t in rnd]
+            rows.extend(got)  # type: ignore[arg-type]
+            sizes.append(len(got))
+        return Schedule(np.array(rows, dtype=np.int64).reshape(-1, 3), _offsets(sizes))
+
+    @staticmethod
+    def from_round_index(xfer_M3: np.ndarray, round_M: np.ndarray) -> Schedule:
+        """Rows already sorted by round; round_M their round numbers (0-based, no gaps)."""
+        if not round_M.size:
+            return Schedule.empty()
+        return Schedule(xfer_M3, _offsets(np.bincount(round_M).tolist()))
+
+    # -- reading ------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_transfers(self) -> int:
+        return self.offsets[-1]
+
+    def __getitem__(self, k: int) -> list[Transfer]:
+        k = range(len(self))[k]
+        rows = self.xfer_M3[self.offsets[k] : self.offsets[k + 1]].tolist()
+        return [tuple(t) for t in rows]  # type: ignore[misc]
+
+    def __iter__(self) -> Iterator[list[Transfer]]:
+        return iter(self.to_list())
+
+    def to_list(self) -> list[list[Transfer]]:
+        flat = [tuple(t) for t in self.xfer_M3.tolist()]
+        return [flat[a:b] for a, b in zip(self.offsets, self.offsets[1:])]  # type: ignore[misc]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Schedule):
+            return self.offsets == other.offsets and np.array_equal(self.xfer_M3, other.xfer_M3)
+        if isinstance(other, list):
+            return self.to_list() == [[tuple(t) for t in rnd] for rnd in other]
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Schedule({self.to_list()})"
+
+    @property
+    def round_M(self) -> np.ndarray:
+        if self._round_M is None:
+            self._round_M = np.repeat(np.arange(len(self), dtype=np.int64), np.diff(self.offsets))
+        return self._round_M
+
+    # -- derived schedules, cost, per-rank parts ---------------------------------------------
+    def reversed(self) -> Schedule:
+        """spRS runs the spAG schedule backwards: rounds reversed, src and dst swapped, the
+        order inside each round kept."""
+        if self._rev is None:
+            order = np.argsort(len(self) - 1 - self.round_M, kind="stable")
+            rev = Schedule(self.xfer_M3[order][:, [0, 2, 1]], _offsets(np.diff(self.offsets)[::-1]))
+            rev._rev, self._rev = self, rev
+        return self._rev
+
+    def cost(self, expert_bytes: int, latency_bytes: float) -> float:
+        """Alpha-beta cost in bytes: per non-empty round, latency + the busiest rank's send or
+        receive bytes."""
+        if not self.num_transfers:
+            return 0.0
+        R, W = len(self), int(self.xfer_M3[:, 1:].max()) + 1
+        r = self.round_M * W
+        sent = np.bincount(r + self.xfer_M3[:, 1], minlength=R * W).reshape(R, W).max(1)
+        recv = np.bincount(r + self.xfer_M3[:, 2], minlength=R * W).reshape(R, W).max(1)
+        cost = 0.0
+        for busiest in np.maximum(sent, recv).tolist():
+            if busiest:
+                cost += latency_bytes + expert_bytes * busiest
+        return cost
+
+    def for_rank(self, rank: int) -> RankView:
+        """This rank's sends and receives, round by round (computed once per rank)."""
+        if rank not in self._views:
+            self._views[rank] = self._view(rank)
+        return self._views[rank]
+
+    def _view(self, rank: int) -> RankView:
+        x = self.xfer_M3
+        sel = np.flatnonzero((x[:, 1] == rank) | (x[:, 2] == rank))
+        sends: list[dict[int, list[int]]] = [{} for _ in range(len(self))]
+        recvs: list[dict[int, list[int]]] = [{} for _ in range(len(self))]
+        n_sent = n_recv = 0
+        for (e, s, d), k in zip(x[sel].tolist(), self.round_M[sel].tolist()):
+            if s == rank:
+                sends[k].setdefault(d, []).append(e)
+                n_sent += 1
+            if d == rank:
+                recvs[k].setdefault(s, []).append(e)
+                n_recv += 1
+
+        def msgs(by_peer: dict[int, list[int]]) -> tuple[Message, ...]:
+            return tuple((p, tuple(sorted(by_peer[p]))) for p in sorted(by_peer))
+
+        rounds = tuple(RoundView(msgs(s), msgs(r)) for s, r in zip(sends, recvs))
+        return RankView(rounds, n_sent, n_recv)
+
+
+# -- builders ---------------------------------------------------------------------------------
+
+
+def direct_from(d: Diff) -> Schedule:
+    """One round: the owner sends to every new holder (spAG direction)."""
+    n = int(d.expert_N.size)
+    if not n:
+        return Schedule.empty()
+    return Schedule(np.stack([d.expert_N, d.owner_N, d.rank_N], 1), [0, n])
+
+
+def _bit_length(x: np.ndarray) -> np.ndarray:
+    # frexp writes x = m * 2**k with m in [0.5, 1), so k = x.bit_length() for integers
+    # 0 <= x < 2**53 (exact in float64); frexp(0) gives k = 0 = (0).bit_length().
+    return np.frexp(x.astype(np.float64))[1].astype(np.int64)
+
+
+def tree_from(d: Diff, topo: Topology | None = None) -> Schedule:
+    """Per-expert binomial broadcast trees run side by side (spAG direction).
+
+    # [Note: binomial relay]
+    For expert e with order L = [owner, d1, d2, ...] (n = len(L)) and R = ceil(log2 n) rounds,
+    round k uses stride 2^(R-1-k): every L[i] with i a multiple of 2*stride (it already has e)
+    sends to L[i + stride]. Far halves are served first (recursive halving), so when L lists each
+    node's ranks contiguously, only the first hops cross nodes. No rank sends more than one copy
+    of e per round, so a hot expert's owner is no longer the bottleneck; an expert with one new
+    holder takes a single round, exactly as in the direct schedule. Closed form used here: L[j]
+    (j >= 1) receives from L[j - low(j)] in round R - 1 - ctz(j), low(j) = j's lowest set bit.
+
+    L after the owner sorts the new holders by cyclic distance from the owner, which spreads
+    the first hops of different owners over different receivers; with a topology, by (node
+    distance, rank distance), so each node's ranks are contiguous and a tree crosses each node
+    boundary once.
+    """
+    E, W = d.num_experts, d.world_size
+    e, r, o = d.expert_N, d.rank_N, d.owner_N
+    if not e.size:
+        return Schedule.empty()
+    key = (r - o) % W
+    span = W
+    if topo is not None:
+        if int(r.max()) >= topo.world_size:
+            raise ValueError(f"Topology: rank {int(r.max())} out of range [0, {topo.world_size})")
+        n_nodes, rpn = topo.num_nodes, topo.ranks_per_node
+        key = ((r // rpn - o // rpn) % n_nodes) * W + key
+        span = n_nodes * W
+    order = np.argsort(e * span + key)  # keys are unique: no stability needed
+    e, r, o = e[order], r[order], o[order]
+    cnt_E = np.bincount(e, minlength=E)
+    start_E = np.cumsum(cnt_E) - cnt_E
+    pos = np.arange(e.size, dtype=np.int64) - start_E[e] + 1  # place in L; the owner is 0
+    low = pos & -pos
+    rnd = _bit_length(cnt_E[e]) - _bit_length(low)  # R - 1 - ctz(pos), R = bit_length(n - 1)
+    src_pos = pos - low
+    src = np.where(src_pos == 0, o, r[np.maximum(start_E[e] + src_pos - 1, 0)])
+    # Within a round: by expert, then by sender's place in L (the order of the loop it replaces).
+    order = np.argsort((rnd * E + e) * W + src_pos)
+    xfer = np.stack([e, src, r], 1)[order]
+    return Schedule.from_round_index(xfer, rnd[order])
+
+
+def direct_schedule(small: Placement, big: Placement) -> Schedule:
+    return direct_from(Diff.of(small, big))
+
+
+def tree_schedule(small: Placement, big: Placement, topo: Topology | None = None) -> Schedule:
+    """See [Note: binomial relay] in `tree_from`."""
+    return tree_from(Diff.of(small, big), topo)
+
+
+def reverse_schedule(sched: Schedule | Iterable[Iterable[Transfer]]) -> Schedule:
+    """spRS runs the spAG schedule backwards: rounds reversed, src and dst swapped."""
+    s = sched if isinstance(sched, Schedule) else Schedule.from_rounds(sched)
+    return s.reversed()
+
+
+def schedule_cost(
+    sched: Schedule | Iterable[Iterable[Transfer]], expert_bytes: int, latency_bytes: float
+) -> float:
+    """Alpha-beta cost in bytes: per round, latency + the busiest rank's send or receive bytes."""
+    s = sched if isinstance(sched, Schedule) else Schedule.from_rounds(sched)
+    return s.cost(expert_bytes, latency_bytes)
+
+
+# -- argument checks --------------------------------------------------------------------------
 
 
 def _same_bank(a: Placement, b: Placement) -> None:
@@ -70,117 +377,3 @@ def check_reduce(pf: Placement, pt: Placement) -> None:
             "sparse_reduce_scatter needs placement_to = ownership only (no replicas); "
             f"replica counts {pt.num_replicas()}"
         )
-
-
-def _gather_fanout(small: Placement, big: Placement) -> list[tuple[int, int, list[int]]]:
-    """Per expert with new holders: (e, owner, sorted new ranks)."""
-    return [
-        (e, big.owner[e], sorted(big.holders[e] - small.holders[e]))
-        for e in range(big.num_experts)
-        if big.holders[e] - small.holders[e]
-    ]
-
-
-def direct_schedule(small: Placement, big: Placement) -> Schedule:
-    """One round: the owner sends to every new holder (spAG direction)."""
-    rnd = [(e, o, r) for e, o, dsts in _gather_fanout(small, big) for r in dsts]
-    return [rnd] if rnd else []
-
-
-def _tree_order(owner: int, ranks: list[int], world: int, topo: Topology | None) -> list[int]:
-    # Cyclic distance from the owner spreads the first hops of different owners over different
-    # receivers; with a topology, ranks of the owner's node come first and each node's ranks are
-    # contiguous, so a binomial tree crosses each node boundary once.
-    def key(r: int) -> tuple[int, int]:
-        if topo is None:
-            return (0, (r - owner) % world)
-        n = topo.num_nodes
-        return ((topo.node_of(r) - topo.node_of(owner)) % n, (r - owner) % world)
-
-    return [owner] + sorted(ranks, key=key)
-
-
-def tree_schedule(small: Placement, big: Placement, topo: Topology | None = None) -> Schedule:
-    """Per-expert binomial broadcast trees run side by side (spAG direction).
-
-    # [Note: binomial relay]
-    For expert e with order L = [owner, d1, d2, ...] (n = len(L)) and R = ceil(log2 n) rounds,
-    round k uses stride 2^(R-1-k): every L[i] with i a multiple of 2*stride (it already has e)
-    sends to L[i + stride]. Far halves are served first (recursive halving), so when L lists each
-    node's ranks contiguously, only the first hops cross nodes. No rank sends more than one copy
-    of e per round, so a hot expert's owner is no longer the bottleneck; an expert with one new
-    holder takes a single round, exactly as in the direct schedule.
-    """
-    rounds: Schedule = []
-    for e, o, dsts in _gather_fanout(small, big):
-        order = _tree_order(o, dsts, big.world_size, topo)
-        n = len(order)
-        R = (n - 1).bit_length()  # ceil(log2 n) for n >= 2
-        rounds.extend([] for _ in range(R - len(rounds)))
-        for k in range(R):
-            stride = 1 << (R - 1 - k)
-            rounds[k].extend(
-                (e, order[i], order[i + stride]) for i in range(0, n - stride, 2 * stride)
-            )
-    return rounds
-
-
-def reverse_schedule(sched: Schedule) -> Schedule:
-    """spRS runs the spAG schedule backwards: rounds reversed, src and dst swapped."""
-    return [[(e, d, s) for e, s, d in rnd] for rnd in reversed(sched)]
-
-
-def schedule_cost(sched: Schedule, expert_bytes: int, latency_bytes: float) -> float:
-    """Alpha-beta cost in bytes: per round, latency + the busiest rank's send or receive bytes."""
-    cost = 0.0
-    for rnd in sched:
-        if not rnd:
-            continue
-        sent = Counter(s for _, s, _ in rnd)
-        recv = Counter(d for _, _, d in rnd)
-        cost += latency_bytes + expert_bytes * max(max(sent.values()), max(recv.values()))
-    return cost
-
-
-def algorithm_costs(
-    placement_from: Placement,
-    placement_to: Placement,
-    *,
-    expert_bytes: int,
-    cost_model: CostModel = DEFAULT_COST,
-    topology: Topology | None = None,
-) -> dict[Algorithm, float]:
-    """Modelled cost in bytes of each algorithm; either direction (spAG: from ⊆ to; spRS:
-    to ⊆ from), since a reduce costs the same as the broadcast it reverses."""
-    small, big = (
-        (placement_from, placement_to)
-        if placement_from.is_subset_of(placement_to)
-        else (placement_to, placement_from)
-    )
-    a2a_latency = cost_model.a2a_peer_bytes * (big.world_size - 1)
-    return {
-        "a2a": schedule_cost(direct_schedule(small, big), expert_bytes, a2a_latency),
-        "tree": schedule_cost(
-            tree_schedule(small, big, topology), expert_bytes, cost_model.round_bytes
-        ),
-    }
-
-
-def choose_algorithm(
-    placement_from: Placement,
-    placement_to: Placement,
-    *,
-    expert_bytes: int,
-    cost_model: CostModel = DEFAULT_COST,
-    topology: Topology | None = None,
-) -> Algorithm:
-    """'tree' when the point-to-point binomial schedule's modelled cost is lower than one
-    all-to-all's, else 'a2a'. A pure function of its arguments, so every rank agrees."""
-    c = algorithm_costs(
-        placement_from,
-        placement_to,
-        expert_bytes=expert_bytes,
-        cost_model=cost_model,
-        topology=topology,
-    )
-    return "tree" if c["tree"] < c["a2a"] else "a2a"
