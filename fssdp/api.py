@@ -7,9 +7,9 @@ from torch import nn
 
 from collectives.placement import Topology
 from fssdp.config import ParallelConfig
-from fssdp.dense import layers
 from fssdp.strategies.base import Parallelized
 from fssdp.strategies.registry import strategy
+from models.spec import default_fsdp_units
 
 
 def parallelize(
@@ -34,4 +34,5 @@ def parallelize(
             "to a divisor of the world size"
         )
     cls = strategy(cfg.strategy)
-    return cls(model, cfg, Topology(world, rpn), layers(model) if units is None else units)
+    units = default_fsdp_units(model) if units is None else units
+    return cls(model, cfg, Topology(world, rpn), units)

@@ -10,19 +10,6 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 
-def layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated layers of a model: the children of its ModuleLists (outermost first).
-
-    The default FSDP2 units when a model's spec names none (`ModelSpec.fsdp_units`)."""
-    found: list[nn.Module] = []
-    for mod in model.modules():
-        if isinstance(mod, nn.ModuleList):
-            for child in mod:
-                if not any(child is m or any(child is s for s in m.modules()) for m in found):
-                    found.append(child)
-    return found
-
-
 def shard_dense(
     model: nn.Module,
     units: list[nn.Module],

@@ -40,6 +40,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from models.common.router import Router
+
 PHASES = (
     "data",
     "forward",
@@ -223,14 +225,14 @@ def time_backward_chain(timer: PhaseTimer, tensors: list[Tensor], names: list[st
 def time_routers(model: nn.Module, timer: PhaseTimer) -> list[Any]:
     """Time every router of `model` as phase `router`, without touching the model's code.
 
-    A router is a module whose class name contains "Router" (TopKRouter and the families' own).
+    A router is an instance of `models.common.router.Router` (TopKRouter and the families' own).
     Some families call `router.logits(x)` rather than `router(x)`, so both `forward` (module
     hooks) and `logits` (an instance attribute wrapping the bound method) are timed; a call of one
     inside the other is counted once. Returns removable handles.
     """
     handles: list[Any] = []
     for mod in model.modules():
-        if "Router" not in type(mod).__name__ or getattr(mod, "_fssdp_timed", False):
+        if not isinstance(mod, Router) or getattr(mod, "_fssdp_timed", False):
             continue
         state = {"token": None, "depth": 0}
         handles.append(mod.register_forward_pre_hook(_enter_router(timer, state)))

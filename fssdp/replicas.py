@@ -200,6 +200,8 @@ class Replicas:
                 topology=self.topology,
             )
             self.bytes["sprs"] += self._reduce.stats.bytes_sent
+        # The values are not needed after their last backward use: release them now.
+        leaf.untyped_storage().resize_(0)
 
     def finish(self) -> Tensor | None:
         """The replicas' gradients summed per owned expert, [O, S] (None: nothing to add)."""

@@ -18,7 +18,7 @@ def build_trainer(cfg: Any, info: Any, run_dir: Path, on_grads: Any = None) -> A
     from launch.data import DataError, GlobalBatchSampler, build_streams, val_batches
     from launch.optim import build_optimizer
     from launch.trainer import Trainer, param_dtype
-    from models.registry import build_model
+    from models.registry import build_model, spec_for
 
     t = cfg.train
     try:
@@ -48,7 +48,8 @@ def build_trainer(cfg: Any, info: Any, run_dir: Path, on_grads: Any = None) -> A
     except ValueError as e:  # an impossible model config (e.g. top_k > num_experts)
         raise UserError(f"model config: {e}") from e
     try:
-        par = parallelize(model, cfg.parallel, ranks_per_node=info.ranks_per_node)
+        units = spec_for(cfg.model).fsdp_units(model)
+        par = parallelize(model, cfg.parallel, units=units, ranks_per_node=info.ranks_per_node)
     except ValueError as e:
         raise UserError(str(e)) from e
     par.materialize(info.device, seed=cfg.seed)

@@ -112,20 +112,23 @@ class Parallelized:
         self.phases: PhaseTimer = NULL_TIMER  # the trainer's phase timer, once instrumented
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def materialize(self, device: torch.device, seed: int | None) -> None:
-        """Allocate what this rank holds (a meta-device build) and initialise it from `seed`
-        (None: keep the values of an already materialised model)."""
+    def materialize(self, device: torch.device, seed: int | None, *, finish: bool = True) -> None:
+        """Allocate what this rank holds (a meta-device build) and initialise it from `seed`.
+
+        seed None: keep the values of an already materialised model, or, on meta, allocate
+        without initialising (memory estimates: launch/estimate.py). finish False skips the
+        wrappers and measurements that communicate (DDP, the bandwidth probe).
+        """
         if any(p.is_meta for p in self.model.parameters()):
             self.model.to_empty(device=device)
-            if seed is None:
-                raise ValueError("a meta-device model needs a seed to be initialised")
         else:
             self.model.to(device)
         if seed is not None:
             from models.common.init import init_weights
 
             init_weights(self.model, seed, write=self.write_full, expert_rows=self.init_rows)
-        self._after_materialize()
+        if finish:
+            self._after_materialize()
 
     def _after_materialize(self) -> None:
         """Wrappers that need values (DDP), buffers, measurements."""

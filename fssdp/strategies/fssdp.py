@@ -223,10 +223,12 @@ class FSSDPParallel(ExpertSharded):
         return out
 
     def state_bytes(self) -> int:
-        """Parameters, gradients and optimizer state, plus the replica capacity (values and
-        gradients of `memory_cap` experts per bank)."""
-        cap = 2 * self.cfg.memory_cap * sum(lay.row_bytes() for lay in self.layouts.values())
-        return super().state_bytes() + cap
+        """Parameters, gradients and optimizer state, plus the replica capacity: `memory_cap`
+        experts per bank, their values (one bank's at a time under rematerialisation, which
+        frees them after each forward) and their gradients (held until `finish_backward`)."""
+        per_bank = [self.cfg.memory_cap * lay.row_bytes() for lay in self.layouts.values()]
+        values = max(per_bank, default=0) if self.cfg.rematerialize else sum(per_bank)
+        return super().state_bytes() + values + sum(per_bank)
 
 
 def _prefetch(executors: list[FSSDPExecutor]) -> None:
