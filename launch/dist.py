@@ -111,9 +111,11 @@ def job_token() -> str:
 
 def on_main(fn: Callable[[], T], is_main: bool) -> T:
     """Run `fn` on rank 0 only; every rank returns its result or raises its failure (UserError
-    or OSError, as one line), so no rank is left waiting for a rank that already gave up."""
+    or OSError, as one line), so no rank is left waiting for a rank that already gave up. Any
+    other exception (a bug) is still told to the other ranks, then raised on rank 0 as is."""
     result: Any = None
     error: str | None = None
+    unexpected: BaseException | None = None
     if is_main:
         try:
             result = fn()
@@ -121,21 +123,29 @@ def on_main(fn: Callable[[], T], is_main: bool) -> T:
             error = str(e)
         except OSError as e:
             error = os_error_line(e)
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the others know
+            unexpected, error = e, f"{type(e).__name__}: {e}"
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [(result, error)]
         dist.broadcast_object_list(box, src=0)
         result, error = box[0]
+    if unexpected is not None:
+        raise unexpected
     if error is not None:
         raise UserError(error if is_main else f"rank 0 failed: {error}")
     return result
 
 
 def _store() -> Any:
-    if _ATTEMPT_STORE is not None:
-        return _ATTEMPT_STORE
-    from torch.distributed import distributed_c10d
+    """The store the ranks of this attempt share, with a short timeout (an error path must not
+    wait parallel.timeout_s on a store whose host is gone)."""
+    store = _ATTEMPT_STORE
+    if store is None:
+        from torch.distributed import distributed_c10d
 
-    return distributed_c10d._get_default_store()
+        store = distributed_c10d._get_default_store()
+    store.set_timeout(timedelta(seconds=5))
+    return store
 
 
 def report_failure(message: str) -> None:
@@ -152,8 +162,10 @@ def report_failure(message: str) -> None:
 
 
 def peer_failure() -> str | None:
-    """`rank r failed: …` when another rank reported a failure, else None."""
-    if not dist.is_initialized():
+    """`rank r failed: …` when another rank reported a failure, else None. Without torchrun the
+    store lives in rank 0: another rank asks only torchrun's agent store, which outlives the
+    ranks (asking a dead rank 0 would print the store client's C++ warnings)."""
+    if not dist.is_initialized() or (_ATTEMPT_STORE is None and dist.get_rank() != 0):
         return None
     try:
         store = _store()

@@ -209,6 +209,19 @@ def confirm_held() -> None:
     )
 
 
+def visible(path: Path, record: dict[str, Any], timeout_s: float = 10.0) -> bool:
+    """Whether this process sees the lock `record` at `path` (another node, after rank 0 took
+    it): False means the run directory is not on a file system shared by every node. Retried
+    for `timeout_s`: NFS may cache the lookup that found no file a moment ago."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if _read(path) == record:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+
+
 def release_held() -> None:
     global _HELD
     if _HELD is not None:

@@ -56,7 +56,11 @@ class MetricsLogger:
             return
         keep, drop = [], []
         for line in self.path.read_text().splitlines():
-            (keep if json.loads(line).get("step", 0) <= step else drop).append(line)
+            try:
+                at = json.loads(line).get("step", 0)
+            except ValueError:  # a line torn by a kill or a full disk mid-write
+                at = step + 1
+            (keep if at <= step else drop).append(line)
         if drop:
             with open(self.path.with_name("metrics.rolled_back.jsonl"), "a") as f:
                 f.write("\n".join(drop) + "\n")

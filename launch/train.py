@@ -8,6 +8,8 @@ with one clear line and exit code 2 instead of a hydra traceback.
 from __future__ import annotations
 
 import os
+import re
+import socket
 import sys
 import traceback
 from pathlib import Path
@@ -22,7 +24,7 @@ from launch.checkpoint import CheckpointError, latest_checkpoint, list_checkpoin
 from launch.ckpt_errors import FALLBACK_KINDS, config_change
 from launch.dist import on_main, peer_failure, report_failure
 from launch.errors import EXIT_USER_ERROR, UserError, fail, os_error_line
-from launch.lock import acquire, release_held
+from launch.lock import LOCK_NAME, acquire, release_held, visible
 from launch.validation import check_known_keys, resume_mode, validate
 
 
@@ -71,7 +73,8 @@ def run(job: DictConfig, run_dir_hint: str) -> None:
     if not cfg.parallel.ranks_per_node:
         check_nodes_agree(info.ranks_per_node)
     run_dir = Path(_agree(run_dir_hint))
-    on_main(lambda: take_run_dir(run_dir, mode), info.is_main)
+    record = on_main(lambda: take_run_dir(run_dir, mode), info.is_main)
+    check_shared(run_dir, record, info)
     check_resume(run_dir, mode, cfg.train)
     trainer = build_trainer(cfg, info, run_dir)
     if mode != "false":
@@ -89,19 +92,39 @@ def run(job: DictConfig, run_dir_hint: str) -> None:
         print_summary(run_dir, history)
 
 
-def take_run_dir(run_dir: Path, mode: str) -> None:
-    """Rank 0: lock the run directory for this job (launch/lock.py), creating it."""
+def take_run_dir(run_dir: Path, mode: str) -> dict[str, Any]:
+    """Rank 0: lock the run directory for this job (launch/lock.py), creating it; returns the
+    lock's record."""
     if mode == "true" and not (run_dir / "checkpoints").is_dir():  # before creating anything
         raise UserError(
             f"train.resume=true but {run_dir / 'checkpoints'} does not exist: pass the run's "
             "directory as hydra.run.dir=<run dir>"
         )
     try:
-        acquire(run_dir)
+        held = acquire(run_dir)
         ckpt.recover_interrupted(run_dir / "checkpoints")
+        return held.record
     except OSError as e:
         what = f"cannot use run directory {run_dir} (hydra.run.dir)"
         raise UserError(os_error_line(e, what)) from e
+
+
+def check_shared(run_dir: Path, record: dict[str, Any], info: Any) -> None:
+    """Every node must see rank 0's run directory: all ranks write checkpoints into it, and a
+    node-local directory would yield checkpoints with other nodes' files missing."""
+    problem = None
+    if info.local_rank == 0 and not info.is_main and not visible(run_dir / LOCK_NAME, record):
+        problem = (
+            f"rank {info.rank} on host {socket.gethostname()} does not see {run_dir / LOCK_NAME} "
+            f"that rank 0 wrote on host {record.get('host')}: hydra.run.dir must be on a file "
+            "system every node sees (README 'Multi-node')"
+        )
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        got: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(got, problem)
+        problem = next((p for p in got if p), None)
+    if problem:
+        raise UserError(problem)
 
 
 def check_resume(run_dir: Path, mode: str, t: Any) -> None:
@@ -249,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def _stop(message: str) -> None:
     """This rank's one line: left in the store for the other ranks, then printed; exit 2."""
-    report_failure(message)
+    if not re.match(r"rank \d+ failed: ", message):  # its own failure, not one it relays
+        report_failure(message)
     release_held()
     fail(message)
 

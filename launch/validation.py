@@ -31,8 +31,10 @@ def validate(cfg: Any, world_size: int) -> None:
     from fssdp.rules import RuleError
     from fssdp.rules import check as check_rules
 
+    # A model family may declare RULES beside its config dataclass too (models/ owns them).
+    tables = [*rule_tables(), ("model", getattr(type(cfg.model), "RULES", ()))]
     try:
-        for section, rules in rule_tables():
+        for section, rules in tables:
             check_rules(section, getattr(cfg, section), rules)
     except RuleError as e:
         raise UserError(str(e)) from e

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import traceback
 from pathlib import Path
 
 from tests.support.launch import ENV
@@ -38,6 +39,9 @@ def drive() -> None:
                 main(args)
             except SystemExit as e:
                 code = e.code
+            except Exception:  # noqa: BLE001 - a traceback is a result too (and a bug)
+                traceback.print_exc()
+                code = "traceback"
         os.environ.clear()
         os.environ.update(saved)
         result = {"code": code, "stderr": err.getvalue(), "stdout": out.getvalue()}

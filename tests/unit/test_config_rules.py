@@ -77,3 +77,23 @@ def test_a_rule_names_nan_and_inf_too(base: DictConfig) -> None:
         cfg.lr = bad
         with pytest.raises(RuleError, match=r"optim.lr=.*\(must be in \(0, 1e\+30\]\)"):
             check("optim", cfg, RULES)
+
+
+def test_a_model_family_may_declare_rules_too(
+    base: DictConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """models/ owns its dataclasses; a RULES tuple beside one is checked like the others."""
+    from fssdp.rules import at_least
+    from launch.errors import UserError
+    from launch.validation import validate
+
+    cfg: Any = OmegaConf.to_object(base)
+    monkeypatch.setattr(
+        type(cfg.model), "RULES", (at_least("d_model", 1, "e.g. {key}=64"),), raising=False
+    )
+    validate(cfg, 1)
+    cfg.model.d_model = 0
+    with pytest.raises(
+        UserError, match=r"model.d_model=0 is not allowed \(must be ≥ 1\): e.g. model.d_model=64"
+    ):
+        validate(cfg, 1)

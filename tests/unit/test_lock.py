@@ -136,3 +136,11 @@ def test_heartbeat_touches_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     while held.path.stat().st_mtime < old + 500:
         assert time.monotonic() < deadline, "no heartbeat"
         time.sleep(0.02)
+
+
+def test_other_nodes_check_they_see_the_lock(tmp_path: Path) -> None:
+    """A node whose hydra.run.dir is not the shared one does not see rank 0's lock."""
+    held = lock.acquire(tmp_path)
+    assert lock.visible(held.path, held.record, timeout_s=0)
+    assert not lock.visible(tmp_path / "elsewhere" / lock.LOCK_NAME, held.record, timeout_s=0.3)
+    assert not lock.visible(held.path, {**held.record, "pid": 1}, timeout_s=0)

@@ -8,6 +8,7 @@ file systems where the machine allows mounting one."""
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -120,3 +121,18 @@ def test_no_checkpoint_of_non_finite_parameters(tmp_path: Path) -> None:
     assert "train.resume_step=<step> (saved: 1; the latest may" in str(err.value)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001"]
     trainer.metrics.close()
+
+
+def test_a_metrics_line_torn_by_a_kill_does_not_block_the_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    code, err = _main(["train.steps=2", "train.ckpt_every=1", f"hydra.run.dir={run}"], capsys)
+    assert code == 0, err
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.')  # the process died (or the disk filled) mid-write
+    code, err = _main(["train.steps=3", f"hydra.run.dir={run}"], capsys)
+    assert code == 0, err
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert (run / "metrics.rolled_back.jsonl").read_text() == '{"step": 3, "loss": 1.\n'
