@@ -1,0 +1,170 @@
+"""Rows each holder computes, per expert: the quota rule behind `fssdp.assign.assign_tokens`.
+
+Legend: W ranks, E experts, N nodes of R ranks, P holder pairs of a placement (sorted by
+expert, then rank), g a group = (expert, node) of pairs, L_E rows per expert over all sources.
+Every function is integer tensor code on the counts' device; every rank gets the same rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from collectives.placement import Placement, Topology
+from fssdp.segments import excl_cumsum, overlaps_small
+
+I64 = torch.int64
+
+# [Note: even split, then nearest replica]
+# The point of replicas is balance, so balance is the hard rule: expert e's L_e rows are split
+# over its holders H_e in rank order by cumulative rounding, holder j (0-based) computing
+# floor(L_e (j+1) / |H_e|) - floor(L_e j / |H_e|): floor or ceil of L_e / |H_e|, exact sums,
+# and a node computes floor(L_e K_le / |H_e|) - floor(L_e K_lt / |H_e|) (K_le / K_lt: holders
+# in nodes up to / before it), its holders' share within one row. Locality only decides
+# *which* rows fill each quota (fssdp/fill.py): a holder keeps its own rows up to its quota,
+# then the rest of a node's rows fill its holders, then whatever is left crosses nodes. When
+# each node's rows of e equal its holders' share (uniform counts, the same number of holders
+# per node) nothing crosses nodes; a node with more rows than its holders' share sends the
+# excess away: balance wins over locality.
+
+# [Note: levelling quotas]
+# An even split balances each replicated expert but not the ranks: an owner also computes all
+# rows of its unreplicated experts, so under skew the owner of the hot experts' neighbours stays
+# the straggler. Levelling fixes it with the replicas already there, inside each node (a node
+# computes exactly the rows the even split gives it, so no more rows cross nodes). In a node,
+# groups with one holder there fix a base load per rank; the rows of groups with several
+# holders there (flexible) are poured like water over the ranks that hold any of them, lowest
+# base first, up to a common integer level (leftover rows one each to the lowest), which gives
+# each such rank a room. The flexible groups, ordered by their lowest holder rank, then fill
+# the rooms in rank order, two pointers on one line: exact when every such rank holds every
+# flexible group of the node, or when the groups' holders run in rank order (a chain); a piece
+# that lands on a rank without the expert instead goes to the group's holders by the even
+# split. It moves more rows between ranks of a node, so it is used only when it lowers the
+# busiest rank's rows by more than LEVEL_GAIN of them; otherwise the even split stands.
+LEVEL_GAIN = 0.02
+
+# [Note: planned rows]
+# The exact planner and calibration decide every holder's rows while they place replicas
+# (that is how they balance), and attach them to the placement they return together with the
+# counts they planned for (collectives.placement.PlannedRows). For those same counts the
+# dispatcher computes exactly those rows; for any other counts (or a placement built another
+# way) it applies the even split and levelling above. Planned rows always sum to each
+# expert's rows over its holders, so the result is a valid assignment either way.
+
+
+def expert_totals(counts_WE: Tensor) -> Tensor:
+    return counts_WE.sum(0)
+
+
+def even_rows(L_E: Tensor, placement: Placement) -> Tensor:
+    """rows_P of [Note: even split, then nearest replica]."""
+    pe, _ = placement.pairs_P()
+    E = placement.num_experts
+    if pe.numel() == E:  # one holder per expert: it computes everything
+        return L_E.clone()
+    nh_E = torch.bincount(pe, minlength=E)
+    j_P = torch.arange(pe.numel(), device=pe.device) - excl_cumsum(nh_E)[pe]
+    L_P, n_P = L_E[pe], nh_E[pe]
+    return (L_P * (j_P + 1)) // n_P - (L_P * j_P) // n_P
+
+
+def load_W(rows_P: Tensor, rank_P: Tensor, world_size: int) -> Tensor:
+    out = torch.zeros(world_size, dtype=I64, device=rows_P.device)
+    return out.index_add_(0, rank_P, rows_P)
+
+
+def water_fill(group_s: Tensor, load_s: Tensor, total_G: Tensor, open_s: Tensor) -> Tensor:
+    """Rows each entry takes when every group pours total_G over its open entries, lowest load
+    first, up to a common integer level (leftover rows one each to the lowest).
+
+    Entries are sorted by group, then (open first) load ascending; closed entries take 0."""
+    n = group_s.numel()
+    G = total_G.numel()
+    size_G = torch.bincount(group_s, minlength=G)
+    first_s = excl_cumsum(size_G)[group_s]
+    j_s = torch.arange(n, device=group_s.device) - first_s
+    pre_s = load_s.cumsum(0)
+    pre_s = pre_s - (pre_s - load_s)[first_s]  # the group's loads up to and including me
+    T_s = total_G[group_s]
+    under_s = open_s & (T_s + pre_s >= (j_s + 1) * load_s)  # the water covers me
+    k_G = torch.zeros(G, dtype=I64, device=group_s.device).index_add_(0, group_s, under_s.to(I64))
+    k_s = k_G[group_s].clamp(min=1)
+    total_s = T_s + pre_s[(first_s + k_s - 1).clamp(max=max(n - 1, 0))]
+    level_s, extra_s = total_s // k_s, total_s % k_s
+    return (level_s - load_s + (j_s < extra_s)) * under_s
+
+
+def levelled_rows(even_P: Tensor, placement: Placement, topology: Topology) -> Tensor:
+    """rows_P per [Note: levelling quotas]."""
+    pe, pr = placement.pairs_P()
+    E, W = placement.num_experts, placement.world_size
+    N, R = topology.num_nodes, topology.ranks_per_node
+    dev = pe.device
+    g_P = pe * N + pr // R  # sorted: a group's pairs are contiguous, lowest rank first
+    k_P = torch.bincount(g_P, minlength=E * N)[g_P]
+    flex_P = k_P > 1
+    base_W = load_W(even_P * ~flex_P, pr, W)
+    open_W = load_W(flex_P.to(I64), pr, W) > 0
+    node_W = torch.arange(W, device=dev) // R
+    F_N = torch.zeros(N, dtype=I64, device=dev).index_add_(0, pr // R, even_P * flex_P)
+    order = torch.argsort(node_W * (1 << 43) + (~open_W) * (1 << 42) + base_W, stable=True)
+    room_s = water_fill(node_W[order], base_W[order], F_N, open_W[order])
+    room_W = torch.empty_like(room_s).index_copy_(0, order, room_s)
+    # flexible groups (their first pair), by node then lowest holder rank; rooms in rank order
+    head = torch.nonzero(flex_P & (shift_g(g_P) != g_P)).flatten()
+    T_G = torch.zeros(E * N, dtype=I64, device=dev).index_add_(0, g_P, even_P)
+    head = head[torch.argsort(pr[head] * (1 << 20) + head, stable=True)]  # node, lowest rank
+    ia, ib, n = overlaps_small(T_G[g_P[head]].cumsum(0), room_W.cumsum(0))
+    e_X, g_X = pe[head[ia]], g_P[head[ia]]
+    key_P = pe * W + pr
+    at = torch.searchsorted(key_P, e_X * W + ib).clamp_(max=key_P.numel() - 1)
+    ok = key_P[at] == e_X * W + ib
+    x_P = torch.zeros_like(even_P).index_add_(0, at, n * ok)
+    miss_G = torch.zeros(E * N, dtype=I64, device=dev).index_add_(0, g_X, n * ~ok)
+    share_P = _split_like(miss_G, g_P, even_P * flex_P)
+    return torch.where(flex_P, x_P + share_P, even_P)
+
+
+def shift_g(g: Tensor) -> Tensor:
+    """g moved one place right, -1 entering (marks each group's first entry)."""
+    return torch.cat([g.new_full((1,), -1), g[:-1]])
+
+
+def _split_like(amount_G: Tensor, g_P: Tensor, weight_P: Tensor) -> Tensor:
+    """amount_G split over each group's entries in proportion to weight_P (cumulative rounding,
+    exact sums; evenly when a group's weights are all 0)."""
+    G = amount_G.numel()
+    wsum_G = torch.zeros(G, dtype=I64, device=g_P.device).index_add_(0, g_P, weight_P)
+    zero = wsum_G[g_P] == 0
+    w_P = torch.where(zero, torch.ones_like(weight_P), weight_P)
+    wsum_G = torch.zeros(G, dtype=I64, device=g_P.device).index_add_(0, g_P, w_P)
+    cum_P = w_P.cumsum(0)
+    first = excl_cumsum(torch.bincount(g_P, minlength=G))[g_P]
+    cum_P = cum_P - (cum_P - w_P)[first]
+    a_P, s_P = amount_G[g_P], wsum_G[g_P]
+    return (a_P * cum_P) // s_P - (a_P * (cum_P - w_P)) // s_P
+
+
+def holder_rows(counts_WE: Tensor, placement: Placement, topology: Topology) -> Tensor:
+    """rows_P for `counts_WE` under `placement`: [Note: planned rows] when they apply, else the
+    even split, levelled when that pays ([Note: levelling quotas])."""
+    planned = placement.planned
+    if planned is not None and (
+        planned.counts_WE is counts_WE
+        or (
+            planned.counts_WE.shape == counts_WE.shape
+            and planned.counts_WE.device == counts_WE.device
+            and torch.equal(planned.counts_WE, counts_WE)
+        )
+    ):
+        return planned.rows_P
+    L_E = expert_totals(counts_WE)
+    even_P = even_rows(L_E, placement)
+    if placement.is_ownership_only():
+        return even_P
+    lev_P = levelled_rows(even_P, placement, topology)
+    _, pr = placement.pairs_P()
+    W = placement.world_size
+    top_even, top_lev = load_W(even_P, pr, W).max(), load_W(lev_P, pr, W).max()
+    use = top_lev * 50 < top_even * 49  # gain > LEVEL_GAIN = 1/50
+    return torch.where(use, lev_P, even_P)
