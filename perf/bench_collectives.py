@@ -1,6 +1,6 @@
 """Benchmark: sparse collectives (spAG / spRS, each algorithm) vs dense all-gather / reduce-scatter.
 
-    python -m perf.bench_collectives [--quick]
+    python -m perf.bench_collectives [--quick] [--only collectives|schedules]
 
 Legend: E experts, S elements per expert (float32), W ranks (gloo on CPU, one thread each),
 lam = fraction of the E*(W-1) non-owner (expert, rank) pairs that get a replica (lam = 1: every
@@ -8,6 +8,13 @@ rank holds every expert, the dense all-gather's result). A time is the median ov
 the slowest rank's wall time, after warm-up; the variants of one point are timed interleaved so
 that load from other processes hits them alike. Bytes are payload bytes received, summed over
 ranks (for the dense ops: what each rank lacks). Writes perf/results/bench_collectives.{json,png}.
+
+Sections: "sweep" and "hot" (the collectives), "runtime" inside each sweep point (one step's
+spAG and spRS as the runtime ran them before the new modes: pack every owned row, gather all held
+rows, pick the replicas; zero-filled [T, S] gradients, reduce, add into .grad; against spAG
+new_only from a row source into the replica buffer and spRS replicas_only accumulated into
+.grad), "calibration", "rule", and "schedules" (perf/bench_schedules.py, in-process, W up to
+1024). `--only schedules` refreshes that section alone in an existing JSON.
 """
 
 from __future__ import annotations
@@ -34,9 +41,11 @@ from collectives import (
     Placement,
     algorithm_costs,
     calibrate_cost_model,
+    choose_algorithm,
     sparse_all_gather,
     sparse_reduce_scatter,
 )
+from perf import bench_schedules
 
 RESULTS = Path(__file__).parent / "results"
 LAMBDAS = (0.05, 0.1, 0.25, 0.5, 1.0)
@@ -84,19 +93,57 @@ def sparse_fns(rank: int, p0: Placement, p1: Placement, s: int) -> dict[str, Any
 def modelled(p0: Placement, p1: Placement, row: int, cm: CostModel) -> dict[str, Any]:
     """Modelled cost of each algorithm and the rule's pick (what algorithm="auto" runs)."""
     c: dict[str, Any] = dict(algorithm_costs(p0, p1, expert_bytes=row, cost_model=cm))
-    c["pick"] = "tree" if c["tree"] < c["a2a"] else "a2a"
+    c["pick"] = choose_algorithm(p0, p1, expert_bytes=row, cost_model=cm)
     return c
+
+
+def runtime_fns(rank: int, p0: Placement, p1: Placement, s: int) -> dict[str, Any]:
+    """One step's spAG and spRS of the replicas, the old way and with the new modes (module
+    docstring), each algorithm. R replicas, O owned rows, T = O + R held rows."""
+    owned, held = p0.owned(rank), p1.held(rank)
+    mine = set(owned)
+    rep_pos = torch.tensor([i for i, e in enumerate(held) if e not in mine], dtype=torch.long)
+    params_OS, grad_OS = torch.randn(len(owned), s), torch.zeros(len(owned), s)
+    rep_RS, rgrad_RS = torch.empty(len(rep_pos), s), torch.randn(len(rep_pos), s)
+    row_of = {e: i for i, e in enumerate(owned)}
+
+    def source(ids: list[int]) -> torch.Tensor:  # packs only the rows this rank sends
+        return params_OS.index_select(0, torch.tensor([row_of[e] for e in ids]))
+
+    def spag_old(a: str) -> Any:
+        held_TS, st = sparse_all_gather(params_OS.clone(), p0, p1, algorithm=a)
+        return held_TS.index_select(0, rep_pos), st
+
+    def sprs_old(a: str) -> Any:
+        full_TS = torch.zeros(len(held), s)
+        full_TS.index_copy_(0, rep_pos, rgrad_RS)
+        red_OS, st = sparse_reduce_scatter(full_TS, p1, p0, algorithm=a)
+        return grad_OS.add_(red_OS), st
+
+    fns: dict[str, Any] = {}
+    for a in ("a2a", "tree"):
+        fns[f"rt_spag_old_{a}"] = lambda a=a: spag_old(a)
+        fns[f"rt_spag_new_{a}"] = lambda a=a: sparse_all_gather(
+            source, p0, p1, algorithm=a, new_only=True, out=rep_RS
+        )
+        fns[f"rt_sprs_old_{a}"] = lambda a=a: sprs_old(a)
+        fns[f"rt_sprs_new_{a}"] = lambda a=a: sparse_reduce_scatter(
+            rgrad_RS, p1, p0, algorithm=a, replicas_only=True, out=grad_OS, accumulate=True
+        )
+    return fns
 
 
 def sweep_point(rank: int, W: int, p0: Placement, p1: Placement, reps: int, warm: int) -> dict:
     """Both sparse ops, both algorithms, vs all_gather_single / reduce_scatter_single."""
-    fns = sparse_fns(rank, p0, p1, S)
+    fns = sparse_fns(rank, p0, p1, S) | runtime_fns(rank, p0, p1, S)
     shard, full, grads = torch.randn(E // W * S), torch.empty(E * S), torch.randn(E * S)
     fns["spag_dense"] = lambda: dist.all_gather_single(full, shard)
     fns["sprs_dense"] = lambda: dist.reduce_scatter_single(shard, grads)
     t = timed(fns, reps, warm)
     sparse_bytes = total(fns["spag_a2a"]()[1].bytes_recv)
     assert sparse_bytes == total(fns["sprs_a2a"]()[1].bytes_sent)
+    assert sparse_bytes == total(fns["rt_spag_new_tree"]()[1].bytes_recv)
+    assert sparse_bytes == total(fns["rt_sprs_new_tree"]()[1].bytes_sent)
     dense_bytes = (W - 1) * E * S * 4
     out: dict[str, Any] = {"W": W, "extra_pairs": len(p1.extra_pairs(p0))}
     for op in ("spag", "sprs"):
@@ -110,6 +157,10 @@ def sweep_point(rank: int, W: int, p0: Placement, p1: Placement, reps: int, warm
             "time_ratio_a2a": t[f"{op}_a2a"] / t[f"{op}_dense"],
             "time_ratio_tree": t[f"{op}_tree"] / t[f"{op}_dense"],
         }
+    out["runtime"] = {
+        op: {f"t_{v}_{a}": t[f"rt_{op}_{v}_{a}"] for v in ("old", "new") for a in ("a2a", "tree")}
+        for op in ("spag", "sprs")
+    }
     return out
 
 
@@ -310,6 +361,15 @@ def report(res: dict) -> None:
             for op in ("spag", "sprs")
         ]
         print(f"W={p['W']} lam={p['lam']:<4}  " + "  ".join(cols))
+    for p in res["sweep"]:
+        rt = p["runtime"]
+        ms = {(op, k): f"{v * 1e3:6.2f}ms" for op in rt for k, v in rt[op].items()}
+        cols = [
+            f"{op} {a}: old {ms[op, f't_old_{a}']} new {ms[op, f't_new_{a}']}"
+            for op in rt
+            for a in ("a2a", "tree")
+        ]
+        print(f"runtime W={p['W']} lam={p['lam']:<4}  " + "  ".join(cols))
     for p in res["hot"]:
         cols = [
             f"{op}: a2a {p[op]['t_a2a'] * 1e3:6.2f}ms tree {p[op]['t_tree'] * 1e3:6.2f}ms"
@@ -331,19 +391,37 @@ def report(res: dict) -> None:
             )
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="sparse vs dense collectives (gloo)")
-    ap.add_argument("--quick", action="store_true", help="fewer repeats and sizes (< 2 min)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args(argv)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    t0 = time.time()
+def collectives_section(quick: bool) -> dict[str, Any]:
     res: dict[str, Any] = {"sweep": [], "hot": [], "calibration": []}
     for W in (2, 4):
-        r = spawn(W, args.quick)
+        r = spawn(W, quick)
         for k in res:
             res[k] += r[k] if isinstance(r[k], list) else [r[k]]
     res["rule"] = score_rule(res)
+    return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="sparse vs dense collectives (gloo)")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and sizes (< 2 min)")
+    ap.add_argument("--only", choices=("collectives", "schedules"), default=None)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    t0 = time.time()
+    path = args.out / "bench_collectives.json"
+    if args.only == "schedules":  # refresh that section of the existing results
+        res = json.loads(path.read_text()) if path.exists() else {}
+        res["schedules"] = bench_schedules.schedule_timings(args.quick)
+        args.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=1))
+        bench_schedules.report(res["schedules"])
+        print(f"wrote the schedules section of {path} in {time.time() - t0:.0f}s")
+        return
+    res = collectives_section(args.quick)
+    if args.only is None:
+        res["schedules"] = bench_schedules.schedule_timings(args.quick)
     res["config"] = {
         "E": E,
         "S": S,
@@ -360,9 +438,11 @@ def main(argv: list[str] | None = None) -> None:
         "all_gather_into_tensor / reduce_scatter_tensor)",
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_collectives.json").write_text(json.dumps(res, indent=1))
+    path.write_text(json.dumps(res, indent=1))
     plot(res, args.out / "bench_collectives.png")
     report(res)
+    if "schedules" in res:
+        bench_schedules.report(res["schedules"])
     print(f"wrote {args.out}/bench_collectives.json and .png in {time.time() - t0:.0f}s")
 
 
