@@ -97,17 +97,22 @@ def save_error(final: Path, e: BaseException, need: int | None) -> CheckpointErr
     if free is not None:
         space = f"; {_mib(free)} free on {final.parent}"
         space += f", a checkpoint needs about {_mib(need)}" if need else ""
-    if full:
+    short_write = "unexpected pos" in text  # torch's zip writer on a write cut short
+    if full or short_write:
         fix = "free space, lower train.keep_last, or move hydra.run.dir"
     elif os_err is not None:
         fix = os_error_fix(os_err)
     else:
         fix = "check the file system of hydra.run.dir"
     return CheckpointError(
-        f"saving checkpoint {final} failed ({'disk full: ' if full else ''}{text}{space}): "
+        f"saving checkpoint {final} failed ({_label(full, short_write)}{text}{space}): "
         f"{fix}; earlier checkpoints are untouched",
         "io",
     )
+
+
+def _label(full: bool, short_write: bool) -> str:
+    return "disk full: " if full else ("a short write, is the disk full? " if short_write else "")
 
 
 def _free_bytes(path: Path) -> int | None:

@@ -105,7 +105,8 @@ def test_full_and_read_only_file_systems_are_one_line(tmpfs: Path, driver: Drive
     assert full["code"] == 2, full["stderr"][-3000:]
     line = one_line(full["stderr"])
     assert "saving checkpoint" in line and "step_00000002 failed (disk full" in line, line
-    assert "[ENOSPC]" in line and "earlier checkpoints are untouched" in line
+    # ENOSPC itself or torch's "unexpected pos" short write, depending on where the write failed
+    assert "MiB free" in line and "earlier checkpoints are untouched" in line
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001"]
     before = hashes(run)
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
