@@ -113,7 +113,8 @@ def sparse_all_gather(
       are copied from the source); True -> it holds only the newly received rows, [N, S] in
       expert-id order of placement_to.held(rank) - placement_from.held(rank).
     out: a preallocated output of that shape, dtype and device, written in place (stale
-      contents overwritten) and returned; else a new tensor.
+      contents overwritten; with async_op, until wait() returns) and returned; else a new
+      tensor.
     algorithm: "auto" (lowest modelled cost), a registered name, or an instance from
       `collectives.choose` for these placements (its schedule is reused).
     """
@@ -127,7 +128,7 @@ def sparse_all_gather(
     if callable(source) and not isinstance(source, torch.Tensor):
         if out is None:
             raise ValueError(f"{call.op}: a callable source needs out= (it fixes S and dtype)")
-        like, S = out, out.shape[-1]
+        like, S = out, (out.shape[-1] if out.dim() else 0)
     else:
         check_rows(source, len(held_from), f"placement_from.held({call.rank})", call.op, call.rank)
         like, S = source, source.shape[1]
@@ -190,9 +191,11 @@ def sparse_reduce_scatter(
     Output [O, S] follows placement_to.owned(rank) (placement_to must be ownership only):
       the sum over all holders; with replicas_only, over the *other* holders only (the owner's
       own gradient is already in its parameter's .grad), and zeros for an owned expert with no
-      replica. Written into `out` when given; with accumulate=True (needs out) the sum is
-      added onto what `out` holds instead (out = out + c1 + c2 + ..., left to right; e.g.
-      out=param.grad with replicas_only folds the replicas in with no extra copy).
+      replica. Written into `out` when given (with async_op, in wait()).
+    accumulate: (needs out) add onto what `out` holds instead: out + c1 + c2 + ..., left to
+      right, c the terms the owner folds (a2a: each holder's copy in rank order; tree: the
+      partial sums it receives, round by round). With replicas_only and out=the owned rows'
+      flat .grad, the replicas' gradients are folded in with no extra copy.
 
     # [Note: deterministic sums]
     Nothing is reduced inside a collective. a2a sums each expert's copies in ascending holder
