@@ -24,19 +24,21 @@ BIG = 1 << 42  # above any row count a bank sees in one step (checked in _check_
 # With the true counts known, every rank above lam = ceil(total / W) rows sheds its rows down
 # to a keep level, largest holding first (ties: expert id); the shed pieces, largest first, are
 # laid end to end on one line and the ranks' rooms (lam minus what they kept, ranks with a
-# free slot only), largest first (ties: rank id), on another; two pointers on the line
-# ([Note: overlaps on a line] in fssdp/segments.py) cut each piece into the rooms it overlaps,
-# and each cut is a replica with exactly those rows ([Note: planned rows] in fssdp/quotas.py).
-# A hot expert's piece spans many rooms (as many copies as it needs, each a full rank's
-# worth); an owner with a pile of middling experts sheds them whole to single rooms. A room
-# takes at most its free slots of new replicas, in line order; the cuts beyond stay with the
-# shedder. Keeping a little less than lam (keep = lam, 3/4 lam, 1/2 lam: the B candidates,
-# planned at once) leaves rooms on the over-loaded ranks too, which takes the last small
-# pieces that would overflow the others' slots; the candidate with the fewest rows on its
-# busiest rank wins (ties: the first). One pass, no loop: O(W E) for the counts, the rest on
-# P + W entries per candidate. Never worse than the base placement: no rank ends above
-# max(lam, its rows before).
-KEEP = (4, 3, 2)  # keep = lam * KEEP[b] // 4
+# free slot only) on another; two pointers on the line ([Note: overlaps on a line] in
+# fssdp/segments.py) cut each piece into the rooms it overlaps, and each cut is a replica with
+# exactly those rows ([Note: planned rows] in fssdp/quotas.py). A hot expert's piece spans many
+# rooms (as many copies as it needs, each a full rank's worth); an owner with a pile of
+# middling experts sheds them whole to single rooms. A room takes at most its free slots of new
+# replicas, its largest cuts first (a piece's small tail must not take the one slot a big piece
+# needs); the cuts beyond stay with the shedder. B = 6 candidates are planned at once: keep =
+# lam, 3/4 lam, 1/2 lam (keeping less leaves rooms on the over-loaded ranks too, which take the
+# last small pieces that would overflow the others' slots), each with rooms largest first and
+# smallest first (ties: rank id); the candidate with the fewest rows on its busiest rank wins
+# (ties: the first). One pass, no loop: O(W E) for the counts, the rest on B (P + W) entries.
+# Never worse than the base placement: no rank ends above max(lam, its rows before). Weakest
+# with m = 1 (one slot per rank): a room shared by two pieces can keep only one of them.
+KEEP = (4, 3, 2, 4, 3, 2)  # keep = lam * KEEP[b] // 4
+ROOMS_UP = (0, 0, 0, 1, 1, 1)  # 1: rooms smallest first
 
 
 @dataclass
@@ -57,15 +59,16 @@ class Cuts:
     base_P: Tensor  # rows per base pair before shedding
 
 
-_CONSTS: dict[str, tuple[Tensor, Tensor]] = {}
+_CONSTS: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
 
 
-def _consts(dev: torch.device) -> tuple[Tensor, Tensor]:
+def _consts(dev: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """(KEEP numerators [B], candidate offsets [B, 1]) on `dev`, made once per device."""
     key = str(dev)
     if key not in _CONSTS:
         keep = torch.tensor(KEEP, dtype=I64, device=dev)
-        _CONSTS[key] = (keep, (torch.arange(len(KEEP), device=dev)[:, None] * 2 + 1) * BIG)
+        sign = 1 - 2 * torch.tensor(ROOMS_UP, dtype=I64, device=dev)[:, None]
+        _CONSTS[key] = (keep, (torch.arange(len(KEEP), device=dev)[:, None] * 2 + 1) * BIG, sign)
     return _CONSTS[key]
 
 
@@ -103,7 +106,7 @@ def cut(counts_WE: Tensor, base: Placement, topology: Topology, m: int) -> Cuts:
     total = q_P.sum()
     _check_rows(counts_WE, total)
     lam = (total + (W - 1)) // W
-    keep4, boff = _consts(dev)
+    keep4, boff, sign = _consts(dev)
     B = keep4.numel()
     pr_big, ar_BP, ar_BW = _base_consts(base, B)
     order = torch.argsort(pr_big - q_P, stable=True)  # by rank, largest holding first
@@ -118,7 +121,7 @@ def cut(counts_WE: Tensor, base: Placement, topology: Topology, m: int) -> Cuts:
     if free_W is not None:
         room_BW *= free_W > 0
     piece = torch.argsort((boff - shed_BP).view(-1), stable=True)  # largest first, per candidate
-    room = torch.argsort((boff - room_BW).view(-1), stable=True)
+    room = torch.argsort((boff - sign * room_BW).view(-1), stable=True)
     size = shed_BP.view(-1).index_select(0, piece)
     a_end = size.cumsum(0)  # candidates end to end; each one's rooms cover its pieces
     tot_B = a_end.view(B, P)[:, -1]
@@ -132,17 +135,18 @@ def cut(counts_WE: Tensor, base: Placement, topology: Topology, m: int) -> Cuts:
     i = torch.searchsorted(a_end, r_end).clamp_(max=B * P - 1)
     n_r = torch.minimum(r_len, r_end - (a_end - size).index_select(0, i))
     n_r = n_r * (r_end < a_end.index_select(0, i))
-    # slot rank of a cut in its room: the pieces ending inside room j come first, in line order
-    c_prev = torch.nn.functional.pad(c[:-1], (1, 0))
-    k = torch.cat([ar_BP - c_prev.index_select(0, j), c - c_prev])
     ia, ib = torch.cat([ar_BP, i]), torch.cat([j, ar_BW])
     n = torch.cat([n_a, n_r])
+    # slot rank of a cut in its room: largest first (a small tail must not take the slot a big
+    # piece needs), ties in line order
+    by_room = torch.argsort(ib * BIG - n, stable=True)
+    k = torch.empty_like(by_room).index_copy_(0, by_room, rank_in_runs(ib.index_select(0, by_room)))
     ps, u = piece.index_select(0, ia) % P, room.index_select(0, ib) % W
     pair = order.index_select(0, ps)
     e, src, b = pe.index_select(0, pair), r_s.index_select(0, ps), ib // W
-    if free_W is None:  # ownership only: the receiver holds e only when it owns it
+    if free_W is None:  # ownership only: a cut into the owner's own room is no move at all
         held = base.owner_E.index_select(0, e) == u
-        n = n * ((k < m) | held)
+        n = n * ((k < m) & ~held)
     else:
         held = base.holders_EW().view(-1).index_select(0, e * W + u)
         n = n * ((k < free_W.index_select(0, u)) | held)  # holders take cuts without a slot

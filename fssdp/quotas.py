@@ -38,8 +38,8 @@ I64 = torch.int64
 # each such rank a room. The flexible groups, ordered by their lowest holder rank, then fill
 # the rooms in rank order, two pointers on one line: exact when every such rank holds every
 # flexible group of the node, or when the groups' holders run in rank order (a chain); a piece
-# that lands on a rank without the expert instead goes to the group's holders by the even
-# split. It moves more rows between ranks of a node, so it is used only when it lowers the
+# that lands on a rank without the expert goes to the group's lowest-rank holder instead. It
+# moves more rows between ranks of a node, so it is used only when it lowers the
 # busiest rank's rows by more than LEVEL_GAIN of them; otherwise the even split stands.
 LEVEL_GAIN = 0.02
 
@@ -94,55 +94,47 @@ def water_fill(group_s: Tensor, load_s: Tensor, total_G: Tensor, open_s: Tensor)
     return (level_s - load_s + (j_s < extra_s)) * under_s
 
 
-def levelled_rows(even_P: Tensor, placement: Placement, topology: Topology) -> Tensor:
+def flexible(placement: Placement, topology: Topology) -> tuple[Tensor, Tensor]:
+    """(group_P, flex_P): each pair's (expert, node) group, and whether the group has several
+    holders in that node (its rows can be levelled there)."""
+    g_P = placement.cells_P() // topology.ranks_per_node  # = e * N + node: sorted, contiguous
+    k_P = torch.bincount(g_P, minlength=placement.num_experts * topology.num_nodes)[g_P]
+    return g_P, k_P > 1
+
+
+def levelled_rows(
+    even_P: Tensor, placement: Placement, topology: Topology, g_P: Tensor, flex_P: Tensor
+) -> Tensor:
     """rows_P per [Note: levelling quotas]."""
     pe, pr = placement.pairs_P()
     E, W = placement.num_experts, placement.world_size
     N, R = topology.num_nodes, topology.ranks_per_node
     dev = pe.device
-    g_P = pe * N + pr // R  # sorted: a group's pairs are contiguous, lowest rank first
-    k_P = torch.bincount(g_P, minlength=E * N)[g_P]
-    flex_P = k_P > 1
-    base_W = load_W(even_P * ~flex_P, pr, W)
+    flex_rows = even_P * flex_P
+    base_W = load_W(even_P - flex_rows, pr, W)
     open_W = load_W(flex_P.to(I64), pr, W) > 0
     node_W = torch.arange(W, device=dev) // R
-    F_N = torch.zeros(N, dtype=I64, device=dev).index_add_(0, pr // R, even_P * flex_P)
+    F_N = torch.zeros(N, dtype=I64, device=dev).index_add_(0, pr // R, flex_rows)
     order = torch.argsort(node_W * (1 << 43) + (~open_W) * (1 << 42) + base_W, stable=True)
     room_s = water_fill(node_W[order], base_W[order], F_N, open_W[order])
     room_W = torch.empty_like(room_s).index_copy_(0, order, room_s)
     # flexible groups (their first pair), by node then lowest holder rank; rooms in rank order
     head = torch.nonzero(flex_P & (shift_g(g_P) != g_P)).flatten()
-    T_G = torch.zeros(E * N, dtype=I64, device=dev).index_add_(0, g_P, even_P)
-    head = head[torch.argsort(pr[head] * (1 << 20) + head, stable=True)]  # node, lowest rank
+    head = head[torch.argsort(pr[head] * (1 << 20) + head, stable=True)]
+    T_G = torch.zeros(E * N, dtype=I64, device=dev).index_add_(0, g_P, flex_rows)
     ia, ib, n = overlaps_small(T_G[g_P[head]].cumsum(0), room_W.cumsum(0))
-    e_X, g_X = pe[head[ia]], g_P[head[ia]]
-    key_P = pe * W + pr
-    at = torch.searchsorted(key_P, e_X * W + ib).clamp_(max=key_P.numel() - 1)
-    ok = key_P[at] == e_X * W + ib
+    cells = placement.cells_P()
+    want = pe[head[ia]] * W + ib
+    at = torch.searchsorted(cells, want).clamp_(max=cells.numel() - 1)
+    ok = cells[at] == want
     x_P = torch.zeros_like(even_P).index_add_(0, at, n * ok)
-    miss_G = torch.zeros(E * N, dtype=I64, device=dev).index_add_(0, g_X, n * ~ok)
-    share_P = _split_like(miss_G, g_P, even_P * flex_P)
-    return torch.where(flex_P, x_P + share_P, even_P)
+    # a piece whose rank lacks the expert goes to the group's first holder instead
+    return torch.where(flex_P, x_P, even_P).index_add_(0, head[ia], n * ~ok)
 
 
 def shift_g(g: Tensor) -> Tensor:
     """g moved one place right, -1 entering (marks each group's first entry)."""
     return torch.cat([g.new_full((1,), -1), g[:-1]])
-
-
-def _split_like(amount_G: Tensor, g_P: Tensor, weight_P: Tensor) -> Tensor:
-    """amount_G split over each group's entries in proportion to weight_P (cumulative rounding,
-    exact sums; evenly when a group's weights are all 0)."""
-    G = amount_G.numel()
-    wsum_G = torch.zeros(G, dtype=I64, device=g_P.device).index_add_(0, g_P, weight_P)
-    zero = wsum_G[g_P] == 0
-    w_P = torch.where(zero, torch.ones_like(weight_P), weight_P)
-    wsum_G = torch.zeros(G, dtype=I64, device=g_P.device).index_add_(0, g_P, w_P)
-    cum_P = w_P.cumsum(0)
-    first = excl_cumsum(torch.bincount(g_P, minlength=G))[g_P]
-    cum_P = cum_P - (cum_P - w_P)[first]
-    a_P, s_P = amount_G[g_P], wsum_G[g_P]
-    return (a_P * cum_P) // s_P - (a_P * (cum_P - w_P)) // s_P
 
 
 def holder_rows(counts_WE: Tensor, placement: Placement, topology: Topology) -> Tensor:
@@ -162,7 +154,10 @@ def holder_rows(counts_WE: Tensor, placement: Placement, topology: Topology) -> 
     even_P = even_rows(L_E, placement)
     if placement.is_ownership_only():
         return even_P
-    lev_P = levelled_rows(even_P, placement, topology)
+    g_P, flex_P = flexible(placement, topology)
+    if not bool(flex_P.any()):  # no node holds any expert twice: nothing to level
+        return even_P
+    lev_P = levelled_rows(even_P, placement, topology, g_P, flex_P)
     _, pr = placement.pairs_P()
     W = placement.world_size
     top_even, top_lev = load_W(even_P, pr, W).max(), load_W(lev_P, pr, W).max()

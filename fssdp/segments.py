@@ -24,17 +24,16 @@ def shift_right(x: Tensor) -> Tensor:
     return torch.nn.functional.pad(x[..., :-1], (1, 0))
 
 
-def rank_in_runs(keys: Tensor, counted: Tensor) -> Tensor:
-    """Per entry: how many `counted` entries precede it in its run of equal `keys`."""
+def rank_in_runs(keys: Tensor, counted: Tensor | None = None) -> Tensor:
+    """Per entry: how many (`counted`) entries precede it in its run of equal, sorted `keys`."""
     if keys.numel() == 0:
         return keys.clone()
-    c = counted.to(I64)
-    before = excl_cumsum(c)
     idx = torch.arange(keys.numel(), device=keys.device)
-    new = torch.ones_like(keys, dtype=torch.bool)
-    new[1:] = keys[1:] != keys[:-1]
-    start = torch.cummax(torch.where(new, idx, 0), 0).values
-    return before - before[start]
+    first = torch.searchsorted(keys, keys)  # keys sorted: the run's first index
+    if counted is None:
+        return idx - first
+    before = excl_cumsum(counted.to(I64))
+    return before - before.index_select(0, first)
 
 
 # [Note: overlaps on a line]
