@@ -39,7 +39,8 @@ def test_schema(rows: list[dict]) -> None:
     timing = [r for r in rows if r["case"] == "zipf1.0"]
     seen = {(r["world"], r["experts"], r["mode"], r["impl"]) for r in timing}
     modes = ("exact", "predict", "calibrate")
-    assert seen == {(W, 16, mode, impl) for W in (8, 16) for mode in modes for impl in ("new", "v1")}
+    impls = ("new", "v1")
+    assert seen == {(W, 16, mode, impl) for W in (8, 16) for mode in modes for impl in impls}
 
 
 def test_quality_columns(rows: list[dict]) -> None:
