@@ -54,13 +54,16 @@ class Fill:
 
 def _line(a_end: Tensor, a_len: Tensor, b_end: Tensor, b_len: Tensor) -> tuple[Tensor, ...]:
     """[Note: overlaps on a line] with both ends known to meet: per a (b index, rows), per b
-    (a index, rows; 0 unless b ends strictly inside an a)."""
+    (a index, rows; 0 unless b ends strictly inside an a). In place where it can: the a side
+    is the long one (every cell) and fresh memory is what costs there."""
     c = torch.searchsorted(a_end, b_end, right=True)  # a ends <= b_j
     j = torch.bincount(c, minlength=a_end.numel() + 1)[:-1].cumsum_(0)  # b holding a_i's end
-    n_a = torch.minimum(a_len, a_end - (b_end - b_len).index_select(0, j))
+    n_a = (b_end - b_len).index_select(0, j)
+    torch.sub(a_end, n_a, out=n_a)
+    torch.minimum(n_a, a_len, out=n_a)
     i = torch.searchsorted(a_end, b_end)  # a holding b_j's end
-    n_b = torch.minimum(b_len, b_end - (a_end - a_len).index_select(0, i))
-    n_b = n_b * (b_end < a_end.index_select(0, i))
+    n_b = torch.minimum(b_len, b_end - (a_end.index_select(0, i) - a_len.index_select(0, i)))
+    n_b *= b_end < a_end.index_select(0, i)
     return j, n_a, i, n_b
 
 

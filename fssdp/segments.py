@@ -29,7 +29,9 @@ def rank_in_runs(keys: Tensor, counted: Tensor | None = None) -> Tensor:
     if keys.numel() == 0:
         return keys.clone()
     idx = torch.arange(keys.numel(), device=keys.device)
-    first = torch.searchsorted(keys, keys)  # keys sorted: the run's first index
+    new = torch.ones_like(keys, dtype=torch.bool)
+    new[1:] = keys[1:] != keys[:-1]
+    first = torch.cummax(idx * new, 0).values  # keys sorted: the run's first index
     if counted is None:
         return idx - first
     before = excl_cumsum(counted.to(I64))

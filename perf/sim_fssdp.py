@@ -5,13 +5,23 @@ rank and expert. Ownership from `fssdp.sharding.balanced_uniform_sharding` (what
 starts from), the placement from `fssdp.planner` (`plan_placement` on the `LoadEstimator`'s
 estimate, `plan_exact`, or `calibrate`; or the proposed [Note: costed degree]), the dispatch
 from `fssdp.assign.assign_tokens`, so rows per rank and bytes per link are the real runtime's.
-The planner's and dispatcher's CPU time (process time) is reported as `plan_s`. Overlap rules:
-[Note: overlap rules] in perf/sim_systems.py.
+Overlap rules: [Note: overlap rules] in perf/sim_systems.py.
+
+[Note: planner time on the critical path]
+The planner and dispatcher run for real, in-process, on the count matrix as a tensor (what the
+runtime all-gathers), timed with time.perf_counter: the plan (predict: at the step start, for
+this step, overlappable with nothing; exact and calibrate: after routing, before dispatch),
+the assignment and one rank's views of it (rows per rank, its send and receive counts, the
+experts it receives). That wall time is `plan_s` and is part of every layer's step time: the
+runtime waits for it. (With more ranks than experts, [Note: more ranks than experts] in
+perf/sim_run.py, the planner runs at the group's size, as the runtime would.)
 """
 
 from __future__ import annotations
 
 import time
+
+import torch
 
 from collectives.placement import Placement, Topology
 from fssdp.assign import assign_tokens, rows_per_rank
@@ -76,7 +86,7 @@ class FSSDPSim:
         share = c.inter_bw / c.per_node
         return 1.0 / (f_inter / share + (1 - f_inter) / c.intra_bw)
 
-    def _placement(self, own: Placement, est: LoadEstimator, src: list[list[int]]) -> Placement:
+    def _placement(self, own: Placement, est: LoadEstimator, src: torch.Tensor) -> Placement:
         if self.mode == "exact":
             return plan_exact(src, own, self.topo, self.m)
         if not est._history:  # step 1: the runtime has planned nothing yet
@@ -91,7 +101,7 @@ class FSSDPSim:
         expert time + exposed transfers is least, judged on the *estimated* loads."""
         w, c = self.w, self.c
         scale = c.world * w.rows_per_rank / max(1.0, sum(load_E))
-        est_src = even_sources([round(x * scale) for x in load_E], c.world)
+        est_src = torch.tensor(even_sources([round(x * scale) for x in load_E], c.world))
         best: tuple[float, Placement] | None = None
         for t in (0, 1, 2, 4, 8, 16, 32):
             if t > w.num_experts:
@@ -107,13 +117,14 @@ class FSSDPSim:
 
     def layer(self, bank: str, rows_E: list[int]) -> LayerCost:
         own, est = self._bank(bank)
-        src = even_sources(rows_E, self.c.world)
-        t0 = time.process_time()
+        src = torch.tensor(even_sources(rows_E, self.c.world))
+        t0 = time.perf_counter()  # [Note: planner time on the critical path]
         p1 = self._placement(own, est, src)
         p2 = self._calibrated(p1, src) if self.mode == "calibrate" else p1
         plan = assign_tokens(src, p2, self.topo)
-        rows = rows_per_rank(src, plan)
-        plan_s = time.process_time() - t0
+        rows = plan.rows_per_rank().tolist()
+        plan.send_counts(0), plan.recv_counts(0), plan.received_experts(0)
+        plan_s = time.perf_counter() - t0
         est.update(rows_E)
         cost = layer_cost(self.w, self.c, rows, a2a_cost(src, plan, self.w, self.c))
         cost.plan_s = plan_s
@@ -123,7 +134,7 @@ class FSSDPSim:
         self.prev_fwd_s = (cost.dense_s + cost.expert_s + cost.a2a_s) / 3
         return cost
 
-    def _calibrated(self, p1: Placement, src: list[list[int]]) -> Placement:
+    def _calibrated(self, p1: Placement, src: torch.Tensor) -> Placement:
         """The runtime's `calibrate` mode: extra copies for the true counts when they pay."""
         w, c = self.w, self.c
         per_row = expert_s(1, w, c)

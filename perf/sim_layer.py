@@ -7,7 +7,11 @@ Legend: W ranks, E experts, src_WE the rows each source rank routes to each expe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
+import torch
+
+from fssdp.assign import Assignment
 from perf.cost_model import Cluster, Workload, all_gather_s, attn_fwd_s, expert_s, transfer_s
 
 
@@ -17,7 +21,7 @@ class LayerCost:
     expert_s: float  # the slowest rank's expert compute (forward + backward)
     a2a_s: float = 0.0  # token all-to-alls, out and back, forward and backward
     exposed_s: float = 0.0  # transfers not hidden behind compute
-    plan_s: float = 0.0  # the planner's CPU time (fssdp)
+    plan_s: float = 0.0  # planner + dispatcher wall time, on the critical path (fssdp)
     rows_max: int = 0
     rows_mean: float = 0.0
     bytes: dict[str, float] = field(default_factory=dict)  # sent, all ranks
@@ -38,16 +42,22 @@ def dense_sync_exposed(w: Workload, c: Cluster, hide_s: float) -> float:
 
 
 def a2a_cost(
-    src_WE: list[list[int]], dest_of: list[list[list[tuple[int, int]]]], w: Workload, c: Cluster
+    src_WE: Any, dest_of: Assignment | list[list[list[tuple[int, int]]]], w: Workload, c: Cluster
 ) -> tuple[float, float]:
-    """(time of the four all-to-alls, bytes sent by all ranks) for a (source, expert) → chunks
-    plan: dest_of[s][e] = [(dest, rows), ...]."""
-    m = zeros(c.world)
-    for s, per_e in enumerate(dest_of):
-        for chunks in per_e:
-            for h, n in chunks:
-                if h != s:
-                    m[s][h] += n * w.d_model * w.act_bytes
+    """(time of the four all-to-alls, bytes sent by all ranks) for an Assignment or a (source,
+    expert) → chunks plan: dest_of[s][e] = [(dest, rows), ...]."""
+    if isinstance(dest_of, Assignment):
+        s, _, h, n = dest_of.moves.cpu().unbind(1)
+        rows = torch.zeros(c.world * c.world, dtype=torch.int64)
+        rows.index_add_(0, s * c.world + h, n * (s != h))
+        m = (rows.view(c.world, c.world).to(torch.float64) * (w.d_model * w.act_bytes)).tolist()
+    else:
+        m = zeros(c.world)
+        for s_, per_e in enumerate(dest_of):
+            for chunks in per_e:
+                for h_, n_ in chunks:
+                    if h_ != s_:
+                        m[s_][h_] += n_ * w.d_model * w.act_bytes
     sent = sum(map(sum, m))
     return 4 * transfer_s(m, c), 4 * sent
 

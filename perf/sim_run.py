@@ -107,7 +107,6 @@ def summary(results: list[StepResult], warmup: int) -> dict[str, Any]:
 
     return {
         "step_s": med(lambda r: r.step_s),
-        "step_s_without_plan": med(lambda r: r.step_s - sum(x.plan_s for x in r.layers)),
         **{p: med(lambda r, p=p: sum(getattr(x, p) for x in r.layers)) for p in parts},
         "rows_max_over_mean": med(
             lambda r: statistics.mean(x.rows_max / x.rows_mean for x in r.layers if x.rows_mean)

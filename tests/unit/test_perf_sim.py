@@ -76,10 +76,15 @@ def test_fssdp_replicas_balance_rows_and_cost_transfers() -> None:
     slow = FSSDPSim(w, cluster(intra_bw=1e3), memory_cap=2, mode="predict")  # no copy fits
     slow.layer("b", skewed)
     assert slow.layer("b", skewed).rows_max == 4 * w.rows_per_rank
-    # exact (the runtime's default) plans with this step's counts: balanced from step 1.
+    # exact (the runtime's default) plans with this step's counts: balanced from step 1, with
+    # the 3 copies it takes to move 3 ranks' worth of rows off rank 0 (predict sent 6).
     exact = FSSDPSim(w, c, memory_cap=2).layer("b", skewed)
     assert exact.rows_max == w.rows_per_rank
-    assert exact.bytes["spag"] == second.bytes["spag"]
+    assert exact.bytes["spag"] == 3 * w.expert_params * w.param_bytes
+    # the planner's and dispatcher's measured time is on the critical path
+    assert exact.plan_s > 0 and exact.total_s == pytest.approx(
+        exact.dense_s + exact.expert_s + exact.a2a_s + exact.exposed_s + exact.plan_s
+    )
 
 
 def test_simulate_trace_and_summary() -> None:
@@ -92,6 +97,7 @@ def test_simulate_trace_and_summary() -> None:
     fs = summary(simulate("fssdp", trace, w, c), warmup=1)
     fsdp = summary(simulate("fsdp", trace, w, c), warmup=1)
     assert fs["rows_max_over_mean"] < ep["rows_max_over_mean"]
+    assert fs["plan_s"] > 0 and ep["plan_s"] == 0.0 and "step_s_without_plan" not in fs
     assert fsdp["a2a_s"] == 0.0 and fsdp["rows_max_over_mean"] == 1.0
     assert ep["step_s"] == pytest.approx(
         ep["dense_s"]
