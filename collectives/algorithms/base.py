@@ -18,6 +18,7 @@ counts come from the schedule (`stats`), so every algorithm reports them the sam
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -38,6 +39,7 @@ class Algorithm(ABC):
         self, schedule: Schedule, small: Placement, big: Placement, topology: Topology | None
     ) -> None:
         self.schedule, self.small, self.big, self.topology = schedule, small, big, topology
+        self._prices: dict[tuple[int, CostModel], float] = {}
 
     @classmethod
     def build(
@@ -70,6 +72,13 @@ class Algorithm(ABC):
         `rows.complete` for experts nobody sent); return what completes it."""
 
     # -- shared -------------------------------------------------------------------------------
+    def price(self, expert_bytes: int, cost_model: CostModel) -> float:
+        """`cost`, computed once per (expert_bytes, cost_model)."""
+        key = (expert_bytes, cost_model)
+        if key not in self._prices:
+            self._prices[key] = self.cost(expert_bytes, cost_model)
+        return self._prices[key]
+
     def view(self, rank: int, reduce: bool) -> RankView:
         """This rank's part of the schedule, in the direction of the op."""
         return (self.schedule.reversed() if reduce else self.schedule).for_rank(rank)
@@ -96,11 +105,13 @@ def register(cls: type[Algorithm]) -> type[Algorithm]:
     if name in _REGISTRY and _REGISTRY[name] is not cls:
         raise ValueError(f"register: algorithm {name!r} is already {_REGISTRY[name].__name__}")
     _REGISTRY[name] = cls
+    _BUILT.clear()  # "auto" has another candidate now
     return cls
 
 
 def unregister(name: str) -> None:
     _REGISTRY.pop(name, None)
+    _BUILT.clear()
 
 
 def names() -> tuple[str, ...]:
@@ -130,13 +141,33 @@ def candidates(
     return build_all(small, big, algorithm, topology)
 
 
+# [Note: built algorithms are memoised]
+# A step calls spAG, maybe a rematerialising spAG, and spRS with the same two placement objects;
+# placements are immutable, so what was built for them is kept (the last _BUILT_MAX pairs). The
+# entry holds the placements themselves, so their ids cannot be reused by other objects while it
+# lives, and a hit needs the very same objects (`is`). Registering or unregistering an algorithm
+# clears it. Passing `choose(...)`'s instance as `algorithm=` skips even the lookup.
+_BUILT: OrderedDict[tuple, tuple[Placement, Placement, list[Algorithm]]] = OrderedDict()
+_BUILT_MAX = 64
+
+
 def build_all(
     small: Placement, big: Placement, algorithm: str, topology: Topology | None
 ) -> list[Algorithm]:
+    """Every registered algorithm (or the one named) built for small ⊆ big; memoised."""
+    key = (id(small), id(big), algorithm, topology)
+    hit = _BUILT.get(key)
+    if hit is not None and hit[0] is small and hit[1] is big:
+        _BUILT.move_to_end(key)
+        return hit[2]
     todo = names() if algorithm == "auto" else (algorithm,)
     classes = [get(n) for n in todo]
     diff = Diff.of(small, big)
-    return [c.build(small, big, topology, diff) for c in classes]
+    algos = [c.build(small, big, topology, diff) for c in classes]
+    _BUILT[key] = (small, big, algos)
+    while len(_BUILT) > _BUILT_MAX:
+        _BUILT.popitem(last=False)
+    return algos
 
 
 def choose(
@@ -158,7 +189,7 @@ def choose(
 def cheapest(algos: list[Algorithm], expert_bytes: int, cost_model: CostModel) -> Algorithm:
     if len(algos) == 1:
         return algos[0]
-    return min(algos, key=lambda a: (a.cost(expert_bytes, cost_model), a.name))
+    return min(algos, key=lambda a: (a.price(expert_bytes, cost_model), a.name))
 
 
 def algorithm_costs(
@@ -172,7 +203,7 @@ def algorithm_costs(
     """Modelled cost in bytes of each registered algorithm; either direction (spAG: from ⊆ to;
     spRS: to ⊆ from), since a reduce costs the same as the broadcast it reverses."""
     algos = candidates(placement_from, placement_to, "auto", topology)
-    return {a.name: a.cost(expert_bytes, cost_model) for a in algos}
+    return {a.name: a.price(expert_bytes, cost_model) for a in algos}
 
 
 def choose_algorithm(

@@ -166,6 +166,23 @@ def test_choose_returns_the_algorithm_with_its_schedule() -> None:
         choose(p0, hot, expert_bytes=mb, algorithm="ring")
 
 
+def test_built_algorithms_are_memoised_per_placement_objects() -> None:
+    p0 = Placement.from_owners([0, 1, 1], 2)
+    p1 = p0.with_replicas({1: [0]})
+    a = choose(p0, p1, expert_bytes=64, algorithm="tree")
+    assert choose(p1, p0, expert_bytes=64, algorithm="tree") is a, "same objects: reused"
+    twin = p0.with_replicas({1: [0]})  # equal, but another object
+    assert choose(p0, twin, expert_bytes=64, algorithm="tree") is not a
+    assert choose(p0, twin, expert_bytes=64, algorithm="tree").schedule == a.schedule
+
+    class Extra(Algorithm):
+        name = "extra_test"
+
+    register(Extra)  # type: ignore[type-abstract]
+    unregister("extra_test")
+    assert choose(p0, p1, expert_bytes=64, algorithm="tree") is not a, "registry changed"
+
+
 def test_register_refuses_bad_names() -> None:
     class Nameless(Algorithm):  # abstract methods are not reached: register checks first
         pass
