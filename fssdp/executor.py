@@ -46,7 +46,6 @@ from collectives.placement import Placement
 from fssdp.assign import assign_tokens
 from fssdp.dispatch import CallStats, Exchange, Tie, exchange_compute
 from fssdp.ep import local_index
-from fssdp.plan_route import PlanRoute
 from fssdp.policy import PlacementPolicy
 from fssdp.replicas import Replicas, ReplicaState
 from fssdp.route import StaticRoute
@@ -143,8 +142,6 @@ class FSSDPExecutor:
         assert placement is not None
         with ex.phases.phase("dispatch"):
             route = assign_tokens(counts_WE, placement, self.policy.topology)
-        if isinstance(route, list):
-            route = PlanRoute(route, ex.world)
         compute = self._compute_fn(bank, placement, rows_RS)
         y_ND = exchange_compute(ex, x_ND, expert_N, route, compute)
         if self.rematerialize:
