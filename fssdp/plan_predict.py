@@ -18,18 +18,22 @@ SCALE = 1024  # estimated loads are means: 1/1024 of a row is plenty
 
 # [Note: proportional slots, nodes first]
 # With t > m the free slots (W m less the replicas already held) go to the top-t experts in
-# proportion to load, D'Hondt style: copies c_e = clamp(floor(w_e C / D), holders, W) for
-# C = slots + holders, D = total load, then the slots left (or over) are corrected in two
-# rounds, one each to the experts with the largest load per copy w_e / (c_e + 1) (or taken from
-# the smallest w_e / c_e). Each expert's new copies are dealt to nodes round-robin starting at
-# the node after its owner's (nodes that lack it first, its own node last, at most one copy per
-# rank), so tokens find a copy in their node. Inside a node, copies (largest load per copy
-# first, ties: expert id) take the node's free slots in order: slot round j (a rank's j-th free
-# slot), then least planned load (the even split, sum of w_e / c_e), most free slots, lowest
-# id; a copy whose slot is already its expert's (the owner, or a second copy of it) and copies
-# beyond the node's slots are dropped. Whatever slots are still free then take, per rank, the
-# experts it lacks with the largest w_e / (c_e + 1) (one pass). Experts with zero estimated load
-# are never replicated.
+# proportion to load, D'Hondt style: copies c_e = clamp(floor(w_e / d), holders, W), the
+# divisor d = (load of the k heaviest) / (slots + their holders) for the largest k whose k-th
+# expert still earns its holders (one sort and prefix sums); the slots left (or over) are
+# corrected in two rounds, one each to the experts with the largest load per copy
+# w_e / (c_e + 1) (or taken from the smallest w_e / c_e). The new copies of all experts,
+# largest load per copy first (ties: expert id), are dealt round-robin over the nodes ordered
+# by planned load (the even split, sum of w_e / c_e of what they hold), an expert skipping its
+# owner's node while it has fewer copies than there are nodes (nodes that lack it first; at
+# most one copy per rank), so tokens find a copy in their node and no node collects the
+# copies of its owners' experts. Inside a node, copies (same order) take the node's free slots
+# round by round (round j: the ranks with a j-th free slot, least planned load first, the
+# planned load updated after each round; ties: rank id), one copy per rank per round (at most
+# m rounds); a copy whose rank already holds its expert, and copies beyond the node's slots,
+# are dropped. Whatever slots are still free then take, per rank, the experts it lacks with
+# the largest w_e / (c_e + 1) (one pass). Experts with zero estimated load are never
+# replicated.
 
 
 def _top_mask(w_BE: Tensor, t: int) -> Tensor:
@@ -46,9 +50,14 @@ def _dhondt(w_BE: Tensor, h_BE: Tensor, top_BE: Tensor, slots_B: Tensor, W: int)
     w = w_BE * top_BE
     cap = torch.where(top_BE, W, h_BE)
     seats_B = torch.minimum(slots_B, (cap - h_BE).sum(1))
-    C = seats_B + (h_BE * top_BE).sum(1)
-    D = w.sum(1).clamp(min=1)
-    c = torch.minimum(torch.maximum(w * C[:, None] // D[:, None], h_BE), cap)
+    # the divisor d: the k heaviest experts share the seats and their holders, k the most for
+    # which the k-th still earns its holders (w >= h d); prefix sums over the sorted loads
+    order = torch.argsort(-w, dim=1, stable=True)
+    w_s, h_s = w.gather(1, order), h_BE.gather(1, order)
+    d_k = w_s.cumsum(1) / (seats_B[:, None] + h_s.cumsum(1)).to(torch.float64)
+    k = ((w_s >= h_s * d_k) & (w_s > 0)).sum(1).clamp(min=1)
+    d = d_k.gather(1, (k - 1)[:, None]).clamp(min=1e-9)
+    c = torch.minimum(torch.maximum((w / d).floor().to(I64), h_BE), cap)
     for _ in range(2):  # two correction rounds (the Note), at most one copy per expert each
         r_B = seats_B - (c - h_BE).sum(1)
         grow = torch.where(c < cap, w / (c + 1).to(torch.float64), -1.0)
@@ -61,13 +70,26 @@ def _dhondt(w_BE: Tensor, h_BE: Tensor, top_BE: Tensor, slots_B: Tensor, W: int)
     return c
 
 
-def _node_deal(x_BE: Tensor, owner_BE: Tensor, top_BE: Tensor, N: int, R: int) -> Tensor:
-    """[B, E, N] new copies per node: round-robin from the node after the owner's."""
-    k = torch.arange(N, device=x_BE.device)
-    n0 = (owner_BE // R)[..., None]
-    pos = (k - n0 - 1) % N
-    n = torch.where(x_BE[..., None] > pos, (x_BE[..., None] - 1 - pos) // N + 1, 0)
-    return torch.minimum(n, R - (pos == N - 1).to(I64)) * top_BE[..., None]
+def _node_deal(
+    x_BE: Tensor, owner_BE: Tensor, share_BE: Tensor, planned_BW: Tensor, N: int, R: int
+) -> Tensor:
+    """[B, E, N] new copies per node ([Note: proportional slots, nodes first]): the copies of
+    all experts, largest share first, dealt round-robin over the nodes by planned load, each
+    expert's owner node skipped while it has fewer copies than nodes."""
+    by_share = torch.argsort(-share_BE, dim=1, stable=True)
+    start = torch.empty_like(x_BE).scatter_(1, by_share, excl_cumsum(x_BE.gather(1, by_share), 1))
+    node_load = planned_BW.view(-1, N, R).sum(2)
+    places = torch.arange(N, device=x_BE.device).expand_as(node_load)
+    q_BN = torch.empty_like(node_load).scatter_(  # each node's place, least loaded first
+        1, torch.argsort(node_load, dim=1, stable=True), places
+    )
+    x = x_BE[..., None]
+    pos = (q_BN[:, None, :] - start[..., None]) % N  # [B, E, N]
+    n = torch.where(x > pos, (x - 1 - pos) // N + 1, 0)
+    own = torch.arange(N, device=x_BE.device) == (owner_BE // R)[..., None]
+    move = (own & (n > 0) & (x < N)).any(2, keepdim=True)  # owner's node had one: to the next
+    n = n - (own & move).to(I64) + ((pos == x) & move).to(I64)
+    return torch.minimum(n, R - own.to(I64))
 
 
 def _everywhere(w_BE: Tensor, top_BE: Tensor, held_BEW: Tensor, free_BW: Tensor) -> Tensor:
@@ -77,22 +99,6 @@ def _everywhere(w_BE: Tensor, top_BE: Tensor, held_BEW: Tensor, free_BW: Tensor)
     lacks = (top_BE[..., None] & ~held_BEW).gather(1, idx)
     take = lacks & (lacks.to(I64).cumsum(1) <= free_BW[:, None, :])
     return torch.zeros_like(take).scatter_(1, idx, take)
-
-
-def _slot_list(planned_BW: Tensor, free_BW: Tensor, R: int, J: int) -> tuple[Tensor, Tensor]:
-    """Every free slot (rank, round j) in node, j, planned-load order: (rank per slot [B, W*J],
-    first slot of each node [B, N+1])."""
-    B, W = free_BW.shape
-    dev = free_BW.device
-    by_load = torch.argsort(planned_BW * (J + 1) + (J - free_BW), dim=1, stable=True)
-    pos = torch.empty_like(by_load).scatter_(1, by_load, torch.arange(W, device=dev).expand(B, W))
-    node = torch.arange(W, device=dev) // R
-    j = torch.arange(J, device=dev)
-    key = (node[:, None] * J + j) * W + pos[..., None]  # [B, W, J]
-    key = torch.where(j < free_BW[..., None], key, W * J * W + key)
-    slots = torch.argsort(key.reshape(B, W * J), dim=1) // J
-    per_node = free_BW.view(B, W // R, R).sum(2)
-    return slots, torch.nn.functional.pad(per_node.cumsum(1), (1, 0))
 
 
 def _deal(
@@ -107,23 +113,34 @@ def _deal(
     h_BE = held_BEW.sum(2)
     c_BE = _dhondt(w_BE, h_BE, top_BE, free_BW.sum(1), W)
     share_BE = w_BE // c_BE.clamp(min=1)
-    n_BEN = _node_deal(c_BE - h_BE, owner_BE, top_BE, N, R)
     planned_BW = (held_BEW * share_BE[..., None]).sum(1)
-    slots, node_first = _slot_list(planned_BW, free_BW, R, J)
+    n_BEN = _node_deal((c_BE - h_BE) * top_BE, owner_BE, share_BE, planned_BW, N, R)
     by_share = torch.argsort(-share_BE, dim=1, stable=True)  # copies' order inside a node
     idx = by_share[..., None].expand_as(n_BEN)
     start_BEN = torch.zeros_like(n_BEN).scatter_(1, idx, excl_cumsum(n_BEN.gather(1, idx), 1))
     n_flat = n_BEN.reshape(-1)
     block = torch.repeat_interleave(torch.arange(n_flat.numel(), device=dev), n_flat)
-    i = torch.arange(block.numel(), device=dev) - excl_cumsum(n_flat)[block]
+    at = start_BEN.reshape(-1)[block] + torch.arange(block.numel(), device=dev) - excl_cumsum(
+        n_flat
+    )[block]  # the copy's place among its node's copies
     b, rest = block // (E * N), block % (E * N)
     e, k = rest // N, rest % N
-    at = node_first[b, k] + start_BEN.reshape(-1)[block] + i
-    fits = at < node_first[b, k + 1]
-    r = slots[b, at.clamp(max=W * J - 1)]
-    ok = fits & ~held_BEW[b, e, r]
+    share = share_BE[b, e]
     add = torch.zeros_like(held_BEW)
-    add[b[ok], e[ok], r[ok]] = True
+    node = torch.arange(W, device=dev) // R
+    first = torch.zeros(B, N, dtype=I64, device=dev)  # copies of each node placed so far
+    for j in range(J):  # one round per free slot (J <= m): LPT over the node's open ranks
+        open_BW = free_BW > j
+        order = torch.argsort(node * (1 << 50) + (~open_BW) * (1 << 49) + planned_BW, dim=1,
+                              stable=True)
+        K_BN = open_BW.view(B, N, R).sum(2)
+        t = at - first[b, k]
+        now = (t >= 0) & (t < K_BN[b, k])
+        r = order[b, (k * R + t.clamp(0, R - 1))]
+        ok = now & ~(held_BEW | add)[b, e, r]
+        add[b[ok], e[ok], r[ok]] = True
+        planned_BW.view(-1).index_add_(0, (b * W + r)[ok], share[ok])
+        first += K_BN
     return add | _fill_left(w_BE, top_BE, held_BEW | add, free_BW - add.sum(1), J)
 
 

@@ -38,10 +38,14 @@ I64 = torch.int64
 # each such rank a room. The flexible groups, ordered by their lowest holder rank, then fill
 # the rooms in rank order, two pointers on one line: exact when every such rank holds every
 # flexible group of the node, or when the groups' holders run in rank order (a chain); a piece
-# that lands on a rank without the expert goes to the group's lowest-rank holder instead. It
+# that lands on a rank without the expert goes to the group's lowest-rank holder instead. For
+# other structures integer proportional fitting does better (FIT_ROUNDS rounds: scale each
+# rank's flexible rows to its room, then each group's to its rows, exact by cumulative
+# rounding); of the two, the one with the lower busiest rank is kept (ties: the line). It
 # moves more rows between ranks of a node, so it is used only when it lowers the
 # busiest rank's rows by more than LEVEL_GAIN of them; otherwise the even split stands.
 LEVEL_GAIN = 0.02
+FIT_ROUNDS = 8
 
 # [Note: planned rows]
 # The exact planner and calibration decide every holder's rows while they place replicas
@@ -129,7 +133,36 @@ def levelled_rows(
     ok = cells[at] == want
     x_P = torch.zeros_like(even_P).index_add_(0, at, n * ok)
     # a piece whose rank lacks the expert goes to the group's first holder instead
-    return torch.where(flex_P, x_P, even_P).index_add_(0, head[ia], n * ~ok)
+    line_P = torch.where(flex_P, x_P, even_P).index_add_(0, head[ia], n * ~ok)
+    fit_P = torch.where(flex_P, _fit(flex_rows, pr, g_P, room_W, T_G), even_P)
+    better = load_W(fit_P, pr, W).max() < load_W(line_P, pr, W).max()
+    return torch.where(better, fit_P, line_P)
+
+
+def _fit(x_P: Tensor, rank_P: Tensor, g_P: Tensor, room_W: Tensor, T_G: Tensor) -> Tensor:
+    """Flexible rows fitted to the rooms, alternately per rank (scaled to its room) and per
+    group (scaled to its rows), FIT_ROUNDS times, then each group's rows split exactly in
+    proportion (integer proportional fitting, [Note: levelling quotas])."""
+    W = room_W.numel()
+    for _ in range(FIT_ROUNDS):  # a fixed number of rounds
+        col = load_W(x_P, rank_P, W).index_select(0, rank_P)
+        x_P = torch.where(col > 0, x_P * room_W.index_select(0, rank_P) // col.clamp(min=1), 0)
+        x_P = _split_like(T_G, g_P, x_P)
+    return x_P
+
+
+def _split_like(amount_G: Tensor, g_P: Tensor, weight_P: Tensor) -> Tensor:
+    """amount_G split over each group's entries in proportion to weight_P (cumulative rounding,
+    exact sums; evenly when a group's weights are all 0)."""
+    G = amount_G.numel()
+    wsum = torch.zeros(G, dtype=I64, device=g_P.device).index_add_(0, g_P, weight_P)
+    w_P = torch.where(wsum.index_select(0, g_P) == 0, 1, weight_P)
+    wsum = torch.zeros(G, dtype=I64, device=g_P.device).index_add_(0, g_P, w_P)
+    cum = w_P.cumsum(0)
+    first = excl_cumsum(torch.bincount(g_P, minlength=G)).index_select(0, g_P)
+    cum = cum - (cum - w_P).index_select(0, first)
+    a, t = amount_G.index_select(0, g_P), wsum.index_select(0, g_P)
+    return (a * cum) // t - (a * (cum - w_P)) // t
 
 
 def shift_g(g: Tensor) -> Tensor:

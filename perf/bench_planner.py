@@ -15,7 +15,8 @@ ran at, cost ~ W^3) and while its total stays under 6 minutes; skipped rows say 
 writes bench_planner.png (cost vs world size, log-log, new beside v1).
 
 Legend: W ranks, E experts, R = 8 ranks per node (W itself below 8), m = 2 extra slots per
-rank, t = 8 overlap degree (predict, calibrate).
+rank, t = E overlap degree (predict, calibrate: any expert may be replicated; the estimate is
+the same case's next draw, same popularity, new noise).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from perf.bench_planner_cases import SYNTHETIC, lower_bound, trace_counts, trace
 RESULTS = Path(__file__).parent / "results"
 WORLDS = (8, 16, 32, 64, 128, 256, 512, 1024)
 EXPERTS = (64, 256)
-M, T = 2, 8
+M = 2
 CAL = dict(expert_bytes=4 << 20, bandwidth_bytes_per_s=25e9, time_per_row_s=2e-7)
 V1_TOTAL_S = 360.0
 
@@ -78,10 +79,10 @@ def _imbalance(rows: list[int]) -> float:
 def run_new(x: Inputs, mode: str, fast: bool) -> dict[str, Any]:
     """plan + assign with fssdp.planner / fssdp.assign on tensors (as the runtime calls them)."""
     reps, secs = (3, 0.0) if fast else (7, 0.4)
-    predicted = plan_placement(x.load, x.own, x.topo, T, M)
+    predicted = plan_placement(x.load, x.own, x.topo, x.E, M)
     plans: dict[str, Callable[[], Placement]] = {
         "exact": lambda: plan_exact(x.counts, x.own, x.topo, M),
-        "predict": lambda: plan_placement(x.load, x.own, x.topo, T, M),
+        "predict": lambda: plan_placement(x.load, x.own, x.topo, x.E, M),
         "calibrate": lambda: calibrate(predicted, x.counts, x.topo, M, **CAL),
     }
     plan_ms, n_plan, p = _median_ms(plans[mode], reps, secs)
@@ -102,10 +103,10 @@ def run_new(x: Inputs, mode: str, fast: bool) -> dict[str, Any]:
 def run_v1(x: Inputs, mode: str) -> dict[str, Any]:
     """Today's implementation (perf/planner_v1.py, perf/assign_v1.py) on nested lists."""
     counts, load = x.counts.tolist(), x.load.tolist()
-    predicted = planner_v1.plan_placement(load, x.own, x.topo, T, M)
+    predicted = planner_v1.plan_placement(load, x.own, x.topo, x.E, M)
     plans: dict[str, Callable[[], Placement]] = {
         "exact": lambda: planner_v1.plan_exact(counts, x.own, x.topo, M),
-        "predict": lambda: planner_v1.plan_placement(load, x.own, x.topo, T, M),
+        "predict": lambda: planner_v1.plan_placement(load, x.own, x.topo, x.E, M),
         "calibrate": lambda: planner_v1.calibrate(predicted, counts, x.topo, M, **CAL),
     }
     t0 = time.perf_counter()

@@ -23,11 +23,12 @@ I64 = torch.int64
 
 def zipf_counts(W: int, E: int, s: float, seed: int = 0, sort: bool = False) -> Tensor:
     """Expert popularity 1 / rank^s (hot experts at random ids unless `sort`: hottest first,
-    all on the first owners under contiguous sharding), lognormal noise (sigma 0.3) per source."""
-    g = torch.Generator().manual_seed(1000 * seed + E)
+    all on the first owners under contiguous sharding), lognormal noise (sigma 0.3) per source.
+    The popularity depends on E only, the noise on `seed` (seed 1 is the lagged estimate)."""
     w = 1.0 / (torch.arange(E, dtype=torch.float64) + 1) ** s
     if not sort:
-        w = w[torch.randperm(E, generator=g)]
+        w = w[torch.randperm(E, generator=torch.Generator().manual_seed(E))]
+    g = torch.Generator().manual_seed(1000 * seed + E)
     noise = torch.exp(0.3 * torch.randn(W, E, generator=g, dtype=torch.float64))
     p = w * noise
     return (p / p.sum(1, keepdim=True) * ROWS_PER_RANK).floor().to(I64)
@@ -43,7 +44,7 @@ def one_expert(W: int, E: int, seed: int = 0) -> Tensor:
 def many_empty(W: int, E: int, seed: int = 0) -> Tensor:
     """7 of 8 experts get nothing; the rest Zipf 1.0."""
     c = zipf_counts(W, E, 1.0, seed + 7)
-    g = torch.Generator().manual_seed(seed + 11)
+    g = torch.Generator().manual_seed(E + 11)
     live = torch.zeros(E, dtype=torch.bool)
     live[torch.randperm(E, generator=g)[: max(1, E // 8)]] = True
     return c * live
