@@ -1,7 +1,8 @@
 """The hydra schema: structured configs registered in the ConfigStore; YAML only composes.
 
 Groups: model/ (every `<family>_<size>` preset), parallel/ (none|ddp|fsdp|ep|fssdp),
-data/ (pystdlib|tokens|synthetic), optim/ (adamw), train/ (default). Unknown keys fail.
+data/ (pystdlib|tokens|synthetic), optim/ (adamw|adam|sgd|adafactor: `optim.name`), train/
+(default). Unknown keys fail.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from omegaconf import MISSING
 
 from fssdp.config import STRATEGIES, ParallelConfig
 from launch.data import DataConfig
-from launch.optim import OptimConfig
+from launch.optim import OPTIMIZERS, OptimConfig
 from launch.trainer import TrainConfig
 from models.registry import model_presets
 
@@ -26,7 +27,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    seed: int = 0
+    seed: int = 0  # the global batch of step s is drawn from (seed, s)
 
 
 DATA_SOURCES = ("pystdlib", "tokens", "synthetic")
@@ -41,9 +42,16 @@ def register_configs() -> None:
         cs.store(group="parallel", name=strategy, node=ParallelConfig(strategy=strategy))
     for source in DATA_SOURCES:
         cs.store(group="data", name=source, node=replace(DataConfig(), name=source))
-    cs.store(group="optim", name="adamw", node=OptimConfig)
+    for name in OPTIMIZERS:
+        cs.store(group="optim", name=name, node=OptimConfig(name=name))
     cs.store(group="train", name="default", node=TrainConfig)
 
 
 def group_options(group: str) -> list[str]:
+    if group == "experiment":  # YAML files in configs/experiment/, not structured configs
+        from importlib.resources import files
+
+        folder = files("configs") / "experiment"
+        names = [p.name for p in folder.iterdir()]
+        return sorted(n.removesuffix(".yaml") for n in names if n.endswith(".yaml"))
     return sorted(name.removesuffix(".yaml") for name in ConfigStore.instance().list(group))

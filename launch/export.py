@@ -2,9 +2,10 @@
 model plus its config, loadable without torch.distributed.
 
 Writes `DIR/model.safetensors` (every parameter and persistent buffer under the plain model's
-names, in the dtype the run trained in) and `DIR/config.yaml` (the run's config; `model:` is what
-`models.registry.build_model` needs). `DIR` defaults to `<run dir>/export`. Load it with
-`load_exported(DIR)`, or by hand:
+names, in the dtype the run trained in), `DIR/config.yaml` (the run's config; `model:` is what
+`models.registry.build_model` needs) and, for data made by `launch.prepare_data`, its
+`DIR/tokenizer.json` (HF tokenizers: `tokenizers.Tokenizer.from_file`). `DIR` defaults to
+`<run dir>/export`. Load it with `load_exported(DIR)` (a str or a Path), or by hand:
 
     model = build_model(load_run_config(DIR).model)
     model.load_state_dict(safetensors.torch.load_file(DIR / "model.safetensors"))
@@ -26,6 +27,7 @@ from launch.errors import UserError, fail
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
+TOKENIZER = "tokenizer.json"
 
 
 def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -40,10 +42,14 @@ def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def export(run_dir: Path, out_dir: Path | None = None, step: int | None = None) -> Path:
+def export(
+    run_dir: str | Path, out_dir: str | Path | None = None, step: int | None = None
+) -> Path:
     """Write the consolidated model of `run_dir`'s checkpoint (latest, or `step`); return DIR."""
     from launch.consolidate import load_full_model
 
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else None
     model, _, ckpt_step = load_full_model(run_dir, step)
     out_dir = out_dir or run_dir / "export"
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -52,18 +58,38 @@ def export(run_dir: Path, out_dir: Path | None = None, step: int | None = None) 
     meta = {"format": "fssdp-export-1", "step": str(ckpt_step), "run_dir": str(run_dir.resolve())}
     save_file(_untied(model.state_dict()), str(tmp / WEIGHTS), metadata=meta)
     shutil.copyfile(run_dir / "config.yaml", tmp / CONFIG)
+    tok = _tokenizer_file(run_dir)
+    if tok is not None:  # text in, text out without the data directory
+        shutil.copyfile(tok, tmp / TOKENIZER)
     if out_dir.exists():  # replace a previous export only once the new one is complete
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
 
 
-def load_exported(out_dir: Path) -> nn.Module:
+def _tokenizer_file(run_dir: Path) -> Path | None:
+    """The tokenizer.json of the run's prepare_data directory, if it has one."""
+    from omegaconf import OmegaConf
+
+    from launch.data.meta import meta_file, read_meta
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    if OmegaConf.select(cfg, "data.name") != "tokens":
+        return None
+    found = meta_file(OmegaConf.select(cfg, "data.path"))
+    if found is None:
+        return None
+    path = found.parent / read_meta(found).get("tokenizer", TOKENIZER)
+    return path if path.is_file() else None
+
+
+def load_exported(out_dir: str | Path) -> nn.Module:
     """The exported model on CPU in eval mode (no torch.distributed involved)."""
     from launch.consolidate import load_run_config
     from launch.trainer import param_dtype
     from models.registry import build_model
 
+    out_dir = Path(out_dir)
     cfg = load_run_config(out_dir)
     model = build_model(cfg.model).to(param_dtype(cfg.train))
     model.load_state_dict(load_file(str(out_dir / WEIGHTS)))

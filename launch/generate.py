@@ -1,6 +1,7 @@
 """`python -m launch.generate <run dir>`: continue a prompt with the run's latest checkpoint.
 
-Byte-level runs (vocab 256, the default data) read and print text; token runs take
+Text in, text out with the run's tokenizer: bytes for `pystdlib`, the `tokenizer.json` of a
+`launch.prepare_data` directory for `data=tokens`; runs on bare token files or synthetic data take
 `--prompt-ids 1,2,3` and print ids.
 """
 
@@ -42,25 +43,30 @@ def generate(
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m launch.generate", description=__doc__)
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--prompt", default="def ")
     ap.add_argument("--prompt-ids", default=None, help="comma-separated token ids")
-    ap.add_argument("--tokens", type=int, default=200)
-    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--tokens", type=int, default=200, help="new tokens")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     args = ap.parse_args(argv)
     from launch.consolidate import load_full_model
+    from launch.data.tokenizer import run_codec
 
     try:
-        model, cfg, step = load_full_model(args.run_dir)
+        model, cfg, step = load_full_model(args.run_dir, args.step)
         vocab = cfg.model.vocab_size
+        codec = None if args.prompt_ids else run_codec(cfg)
         if args.prompt_ids:
             ids = [int(t) for t in args.prompt_ids.split(",")]
-        elif vocab >= 256:
-            ids = list(args.prompt.encode("utf-8"))
+        elif codec is not None:
+            ids = codec.encode(args.prompt)
         else:
-            raise UserError(f"vocabulary {vocab} is not bytes: pass --prompt-ids")
+            raise UserError(
+                f"the run's data ({cfg.data.name}) has no tokenizer: pass --prompt-ids 1,2,3"
+            )
         if not ids or max(ids) >= vocab:
             raise UserError(f"prompt ids must be non-empty and < vocab size {vocab}")
         limit = getattr(cfg.model, "max_seq_len", None)
@@ -70,10 +76,10 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(e))
     out = generate(model, torch.tensor(ids), args.tokens, args.temperature, args.seed)
     print(f"[{args.run_dir} step {step}]", file=sys.stderr)
-    if args.prompt_ids or vocab != 256:
+    if codec is None:
         print(",".join(str(t) for t in ids + out.tolist()))
     else:
-        print(bytes(ids + out.tolist()).decode("utf-8", errors="replace"))
+        print(codec.decode(ids + out.tolist()))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 Only rank 0 writes; the values it writes are already gathered over ranks by the trainer.
 Tensorboard gets every scalar, per-rank lists as `key/rank{r}`, phase times as
-`phase_time_s/{phase}/{max,mean}`, and the expert load of each bank as a histogram over expert
-ids (`expert_load/{bank}`) plus heatmap images (banks × experts, each bank scaled to its hottest
-expert) of the load and of the replicas per expert.
+`phase_time_s/{phase}/{max,mean}`, the expert load of each bank as a histogram over expert ids
+(`expert_load/{bank}`, bucket e = [e-0.5, e+0.5]) and, about FIGURES_PER_RUN times a run, figures
+(`add_figure`: banks × expert ids, colour bar, the owning rank in each cell) of the load and of
+the replicas per expert (launch/report_load.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 
 import numpy as np
 from torch.utils.tensorboard import SummaryWriter
+
+FIGURES_PER_RUN = 8  # tensorboard's labelled load figures, about this many per run
 
 
 def peak_rss_bytes() -> int:
@@ -45,6 +48,9 @@ class MetricsLogger:
         self.path = run_dir / "metrics.jsonl"
         self.tb_dir = run_dir / "tensorboard"
         self._start = time.perf_counter()
+        self._initial = 0  # the step this process started from (a resume's)
+        self._owners_at: dict[str, list[int]] | None = None  # the latest logged `owners`
+        self._figure_part = -1  # the eighth of the run whose figures were drawn last
         self._writer: SummaryWriter | None = None
         if enabled:
             self._writer = SummaryWriter(log_dir=str(self.tb_dir))
@@ -52,6 +58,7 @@ class MetricsLogger:
     def truncate_after(self, step: int) -> None:
         """On resume: lines past the checkpoint describe a rolled-back trajectory. Move them to
         metrics.rolled_back.jsonl (nothing is deleted) and keep metrics.jsonl consistent."""
+        self._initial = step
         if not self.enabled or not self.path.exists():
             return
         keep, drop = [], []
@@ -76,8 +83,9 @@ class MetricsLogger:
         step = record["step"]
         assert self._writer is not None
         for key, value in record.items():
-            if key not in ("phase_time_s", "phase_spans", "expert_load", "replicas"):
+            if key not in ("phase_time_s", "phase_spans", "expert_load", "replicas", "owners"):
                 self._scalar(key, value, step)
+        self._owners_at = record.get("owners") or self._owners_at
         self._phases(record.get("phase_time_s"), step)
         self._load(record.get("expert_load"), record.get("replicas"), step)
         if self.progress:
@@ -109,6 +117,10 @@ class MetricsLogger:
     def _load(
         self, load: dict[str, list[int]] | None, replicas: dict[str, list[int]] | None, step: int
     ) -> None:
+        """Per bank a histogram whose buckets are centred on the expert ids ([e-0.5, e+0.5]),
+        and labelled figures (expert ids, owning rank, colour bar) of the load and replicas."""
+        from launch.report_load import step_heatmap
+
         assert self._writer is not None
         for bank, counts in (load or {}).items():
             if sum(counts) > 0:
@@ -116,8 +128,8 @@ class MetricsLogger:
                 ids = np.arange(len(c), dtype=np.float64)
                 self._writer.add_histogram_raw(
                     f"expert_load/{bank}",
-                    min=0.0,
-                    max=float(len(c) - 1),
+                    min=-0.5,
+                    max=float(len(c)) - 0.5,
                     num=float(c.sum()),
                     sum=float((ids * c).sum()),
                     sum_squares=float((ids * ids * c).sum()),
@@ -125,44 +137,48 @@ class MetricsLogger:
                     bucket_counts=c.tolist(),
                     global_step=step,
                 )
-        for tag, rows in (("expert_load_heatmap", load), ("replicas_heatmap", replicas)):
+        # A labelled figure costs ~0.3 s of rank 0's time (the others wait at the next step):
+        # drawn at the first logged step, the last, and about every eighth of the run between.
+        part = step * FIGURES_PER_RUN // max(1, self.total_steps)
+        if part == self._figure_part and step != self.total_steps:
+            return
+        self._figure_part = part
+        for tag, rows, kind in (
+            ("expert_load_heatmap", load, "load"),
+            ("replicas_heatmap", replicas, "replicas"),
+        ):
             if rows:
-                self._writer.add_image(tag, heatmap_image(rows), step, dataformats="HWC")
+                fig = step_heatmap(rows, self._owners_at, kind, step)
+                self._writer.add_figure(tag, fig, step, close=False)
 
     def _print(self, r: dict[str, Any]) -> None:
-        width = 24
-        done = int(width * r["step"] / max(1, self.total_steps))
-        bar = "#" * done + "." * (width - done)
-        parts = [f"[{bar}] step {r['step']}/{self.total_steps}"]
+        """One line per logged step: tqdm's meter (bar, steps, elapsed<ETA, rate) and the step's
+        figures. A line, not a live bar: torchrun interleaves ranks' output, logs are files."""
+        from tqdm import tqdm
+
+        parts = []
         if "loss" in r:
             parts.append(f"loss {r['loss']:.4f}")
         if r.get("val_bpb") is not None:
             parts.append(f"val_bpb {r['val_bpb']:.3f}")
+        elif r.get("val_loss") is not None:
+            parts.append(f"val_loss {r['val_loss']:.4f}")
         if "tokens_per_s" in r:
             parts.append(f"{r['tokens_per_s']:.0f} tok/s")
         if r.get("straggler_ratio") is not None:
             parts.append(f"straggler {r['straggler_ratio']:.2f}")
-        parts.append(f"{time.perf_counter() - self._start:.0f}s")
-        print(" | ".join(parts), file=sys.stdout, flush=True)
+        meter = tqdm.format_meter(
+            r["step"],
+            self.total_steps,
+            time.perf_counter() - self._start,
+            initial=self._initial,  # the rate (and so the ETA) counts this process's steps
+            unit="step",
+            bar_format="{percentage:3.0f}%|{bar:20}| step {n}/{total} "
+            "[{elapsed}<{remaining}, {rate_fmt}]",
+        )
+        print(" | ".join([meter, *parts]), file=sys.stdout, flush=True)
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.flush()
             self._writer.close()
-
-
-def heatmap_image(rows: dict[str, list[int]]) -> np.ndarray:
-    """Banks × experts as an RGB image [H, W, 3] uint8 (viridis; each row scaled to its max;
-    grey where a bank has fewer experts than the widest), about 512 pixels wide."""
-    from matplotlib import colormaps
-
-    width = max(len(v) for v in rows.values())
-    cell = min(32, max(2, 512 // max(1, width)))
-    grid = np.full((len(rows), width), np.nan)
-    for i, v in enumerate(rows.values()):
-        a = np.asarray(v, dtype=np.float64)
-        grid[i, : len(a)] = a / a.max() if a.size and a.max() > 0 else 0.0
-    rgb = colormaps["viridis"](np.nan_to_num(grid, nan=0.0))[..., :3]
-    rgb[np.isnan(grid)] = 0.5
-    img = (rgb * 255).astype(np.uint8)
-    return np.repeat(np.repeat(img, cell, axis=0), cell, axis=1)

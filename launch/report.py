@@ -1,10 +1,12 @@
 """`python -m launch.report <run dir> [--step N]`: a run's profile in pictures and one screen.
 
-Writes `<run>/report.html` (self-contained: the PNGs are inlined) and the PNGs themselves under
-`<run>/report/`: one step's per-rank phase Gantt chart, where the step time goes per rank,
-straggler ratio over time, communication bytes by collective over time, expert load over time
-(banks stacked), replicas per expert over time (fssdp), memory per rank. Prints a summary: where
-the time goes by phase, straggler ratio, bytes per step by collective, load imbalance, memory.
+Writes `<run>/report.html` (self-contained: the PNGs are inlined; a jinja2 template) and the PNGs
+themselves under `<run>/report/`: loss / learning rate / gradient norm, one step's per-rank phase
+Gantt chart, where the step time goes per rank, straggler ratio over time, communication bytes by
+collective, expert load over time (labelled with expert ids and owning ranks), the load per owning
+rank, replicas per expert over time (fssdp), memory per rank, and the run's config. Prints a
+summary: where the time goes by phase, straggler ratio, bytes per step by collective, load
+imbalance, memory.
 Runs whose metrics lack some keys (older runs, strategies without that part) get what they have;
 the page says what is missing.
 """
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import html
 import json
 import sys
 from pathlib import Path
@@ -46,14 +47,23 @@ def load_records(run_dir: Path) -> list[Record]:
     return records
 
 
+def run_config(run_dir: Path) -> Any:
+    """The run's config.yaml (an OmegaConf node), or None for a run directory without one."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(path)
+
+
 def run_info(run_dir: Path, records: list[Record]) -> str:
     """E.g. "model gpt_moe, parallel fssdp, world 2, 30 steps" (config.yaml and the records)."""
-    parts = []
-    cfg_path = run_dir / "config.yaml"
-    if cfg_path.is_file():
-        from omegaconf import OmegaConf
+    from omegaconf import OmegaConf
 
-        cfg = OmegaConf.load(cfg_path)
+    parts = []
+    cfg = run_config(run_dir)
+    if cfg is not None:
         parts.append(f"model {OmegaConf.select(cfg, 'model.family', default='?')}")
         parts.append(f"parallel {OmegaConf.select(cfg, 'parallel.strategy', default='?')}")
     world = len(records[-1].get("rank_step_time_s") or [0])
@@ -73,10 +83,16 @@ def pick_step(records: list[Record], step: int | None) -> Record | None:
     return steady[-1] if steady else None
 
 
-def build_figures(records: list[Record], step: int | None) -> list[tuple[str, Any, str]]:
+def build_figures(
+    records: list[Record], step: int | None, strategy: str | None = None
+) -> list[tuple[str, Any, str]]:
     """(title, figure or None, what is missing when None)."""
+    from launch import report_load as rl
+
     chosen = pick_step(records, step)
+    owners = rl.owners_per_record(records, strategy)
     return [
+        ("Loss, learning rate, gradient norm", rf.training_curves(records), "no loss"),
         (
             f"Phases per rank, step {chosen['step'] if chosen else '?'}",
             rf.gantt(chosen) if chosen else None,
@@ -87,22 +103,19 @@ def build_figures(records: list[Record], step: int | None) -> list[tuple[str, An
         ("Communication by collective", rf.comm_bytes(records), "no comm_bytes (or all zero)"),
         (
             "Expert load over time",
-            rf.bank_heatmap(
-                records,
-                "expert_load",
-                "tokens per expert over time (colour: tokens / the bank's mean)",
-                "tokens / mean tokens per expert of the bank",
-            ),
+            rl.heatmap_over_time(records, "expert_load", owners, "tokens per expert over time"),
             "no expert_load (an older run)",
         ),
         (
+            "Load per owning rank",
+            rl.rank_load(records, owners),
+            "no expert owners: every rank holds every expert (none, ddp, fsdp), or an fssdp run "
+            "from before owners were logged",
+        ),
+        (
             "Replicas per expert over time",
-            rf.bank_heatmap(
-                records,
-                "replicas",
-                "replicas per expert (holders besides the owner) of the placement each step used",
-                "replicas",
-                per_mean=False,
+            rl.heatmap_over_time(
+                records, "replicas", owners, "replicas per expert of the placement each step used"
             ),
             "no replicas (strategies other than fssdp do not replicate)",
         ),
@@ -206,44 +219,58 @@ def _memory_lines(last: Record) -> list[str]:
     return ["memory: " + "; ".join(out)] if out else []
 
 
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>fssdp report: {{ run_dir }}</title>
+<style>body{font-family:sans-serif;max-width:1240px;margin:auto}img{max-width:100%}
+pre{background:#f4f4f4;padding:8px;overflow-x:auto}nav a{margin-right:1em}</style></head>
+<body><h1>fssdp report</h1>
+<nav>{% for s in sections %}<a href="#s{{ loop.index }}">{{ s.title }}</a>{% endfor %}
+<a href="#config">Config</a></nav>
+<pre>{{ summary }}</pre>
+{% for s in sections %}<h2 id="s{{ loop.index }}">{{ s.title }}</h2>
+{% if s.png %}<img alt="{{ s.title }}" src="data:image/png;base64,{{ s.png }}">
+{% else %}<p><i>{{ s.missing }}</i></p>{% endif %}
+{% endfor %}<h2 id="config">Config</h2>
+{% if config %}<pre>{{ config }}</pre>{% else %}<p><i>no config.yaml in the run directory</i></p>
+{% endif %}</body></html>
+"""
+
+
 def write_report(run_dir: Path, step: int | None = None) -> tuple[Path, list[str]]:
     """Write report.html and the PNGs; return the html path and the summary lines."""
+    import jinja2
+    from omegaconf import OmegaConf
+
     records = load_records(run_dir)
     lines = summary_lines(run_dir, records)
+    cfg = run_config(run_dir)
+    strategy = OmegaConf.select(cfg, "parallel.strategy") if cfg is not None else None
     png_dir = run_dir / "report"
     png_dir.mkdir(exist_ok=True)
     sections = []
-    for i, (title, fig, missing) in enumerate(build_figures(records, step)):
-        if fig is None:
-            sections.append(f"<h2>{html.escape(title)}</h2><p><i>{html.escape(missing)}</i></p>")
-            continue
-        png = png_dir / f"{i}_{_slug(title)}.png"
-        fig.savefig(png, dpi=110)
-        data = base64.b64encode(png.read_bytes()).decode()
-        sections.append(
-            f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" '
-            f'src="data:image/png;base64,{data}">'
-        )
+    for i, (title, fig, missing) in enumerate(build_figures(records, step, strategy)):
+        section = {"title": title, "missing": missing, "png": None}
+        if fig is not None:
+            png = png_dir / f"{i}_{_slug(title)}.png"
+            fig.savefig(png, dpi=110)
+            section["png"] = base64.b64encode(png.read_bytes()).decode()
+        sections.append(section)
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     page = run_dir / "report.html"
-    page.write_text(_page(run_dir, lines, sections))
+    page.write_text(
+        env.from_string(PAGE).render(
+            run_dir=str(run_dir),
+            summary="\n".join(lines),
+            sections=sections,
+            config=OmegaConf.to_yaml(cfg) if cfg is not None else None,
+        )
+    )
     return page, lines
 
 
 def _slug(title: str) -> str:
     keep = "".join(c if c.isalnum() else "_" for c in title.lower().split(",")[0])
     return "_".join(p for p in keep.split("_") if p)
-
-
-def _page(run_dir: Path, lines: list[str], sections: list[str]) -> str:
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>fssdp report: {html.escape(str(run_dir))}</title>"
-        "<style>body{font-family:sans-serif;max-width:1240px;margin:auto}"
-        "img{max-width:100%}pre{background:#f4f4f4;padding:8px}</style></head><body>"
-        f"<h1>fssdp report</h1><pre>{html.escape(chr(10).join(lines))}</pre>"
-        + "".join(sections)
-        + "</body></html>\n"
-    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,6 +29,8 @@ COLORS = {
     "optimizer": "#937860",
     "plan": "#ff9da7",
     "other": "#e0e0e0",
+    "a2a": "#dd8452",
+    "dense": "#4c72b0",
 }
 MIB = 1024.0**2
 
@@ -170,62 +172,53 @@ def _max_over_mean(values: list[float] | None) -> float | None:
 
 
 def comm_bytes(records: list[Record]) -> Figure | None:
-    """Bytes sent per step (summed over ranks) by collective."""
+    """Bytes sent per step (summed over ranks), one panel per collective: spAG and spRS often
+    move the same bytes (replicas out, their gradients back), and on one axis one hides the
+    other; dense and a2a differ by orders of magnitude."""
     recs = [r for r in records if r.get("comm_bytes")]
     keys = sorted({k for r in recs for k, v in r["comm_bytes"].items() if v})
     if not keys:
         return None
-    fig = Figure(figsize=(11, 3.8))
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(11, 1.2 + 1.5 * len(keys)))
+    axes = fig.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0]
     steps = [r["step"] for r in recs]
-    for k in keys:
-        ax.plot(steps, [r["comm_bytes"].get(k, 0) / MIB for r in recs], marker="o", ms=3, label=k)
-    ax.set_xlabel("step")
-    ax.set_ylabel("MiB per step (all ranks)")
-    ax.set_title("communication volume by collective")
-    ax.legend(fontsize=8)
+    for ax, k in zip(axes, keys):
+        ys = [r["comm_bytes"].get(k, 0) / MIB for r in recs]
+        ax.plot(steps, ys, marker="o", ms=3, color=color(k) if k in COLORS else None)
+        ax.set_ylabel(f"{k}\nMiB", fontsize=8)
+        ax.set_ylim(0, 1.15 * max(ys) if max(ys) > 0 else 1.0)
+    axes[-1].set_xlabel("step")
+    axes[0].set_title("communication volume by collective (MiB per step, all ranks)")
     fig.tight_layout()
     return fig
 
 
-def bank_heatmap(
-    records: list[Record], key: str, title: str, cbar: str, per_mean: bool = True
-) -> Figure | None:
-    """Banks stacked (rows: bank-major experts) × logged steps; `per_mean`: each bank's values
-    divided by that bank's mean at that step (imbalance), else raw values."""
-    recs = [r for r in records if r.get(key)]
-    if not recs:
+def training_curves(records: list[Record]) -> Figure | None:
+    """Loss (and validation loss), learning rate and gradient norm over the logged steps."""
+    series = [
+        ("loss", ["loss", "val_loss"], "loss (nats/token)"),
+        ("learning rate", ["lr"], "lr"),
+        ("gradient norm (before clipping)", ["grad_norm"], "global norm"),
+    ]
+    panels = [(t, [k for k in ks if any(r.get(k) is not None for r in records)], y)
+              for t, ks, y in series]  # fmt: skip
+    panels = [p for p in panels if p[1]]
+    if not panels:
         return None
-    banks = list(recs[-1][key])
-    sizes = [len(recs[-1][key][b]) for b in banks]
-    grid = np.full((sum(sizes), len(recs)), np.nan)
-    for j, r in enumerate(recs):
-        row = 0
-        for b, n in zip(banks, sizes):
-            v = np.asarray(r[key].get(b, [np.nan] * n), dtype=np.float64)[:n]
-            mean = np.nanmean(v) if v.size and np.nanmean(v) > 0 else np.nan
-            grid[row : row + n, j] = v / mean if per_mean else v
-            row += n
-    fig = Figure(figsize=(11, min(2.5 + 0.09 * grid.shape[0], 14)))
-    ax = fig.add_subplot()
-    im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="magma", vmin=0)
-    edges = np.cumsum(sizes)[:-1] - 0.5
-    for e in edges:
-        ax.axhline(e, color="deepskyblue", lw=1.0)
-    centers = np.cumsum(sizes) - np.asarray(sizes) / 2 - 0.5
-    ax.set_yticks(centers, [_short(b) for b in banks], fontsize=7)
-    ticks = np.unique(np.linspace(0, len(recs) - 1, min(len(recs), 12)).round().astype(int))
-    ax.set_xticks(ticks, [str(recs[t]["step"]) for t in ticks])
-    ax.set_xlabel("step (logged steps)")
-    ax.set_ylabel("bank / expert (expert 0 at the top of each bank)")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, label=cbar)
+    fig = Figure(figsize=(12, 3.4))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, keys, ylabel) in zip(axes, panels):
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in records if r.get(k) is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if k == "val_loss"
+                    else None, ms=4, label=k)  # fmt: skip
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
-
-
-def _short(bank: str) -> str:
-    return bank.removesuffix(".experts") if len(bank) > 14 else bank
 
 
 def memory(records: list[Record]) -> Figure | None:

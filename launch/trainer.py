@@ -30,7 +30,7 @@ from launch.dist import DistInfo, batch_reducer
 from launch.errors import UserError
 from launch.gather import all_gather_rows
 from launch.metrics import MetricsLogger, expert_load_imbalance, peak_rss_bytes
-from launch.optim import OptimConfig, set_lr
+from launch.optim import OptimConfig, build_scheduler, restore_scheduler, scheduler_state
 from launch.profile import StepProfiler, TraceRecorder, gather_phases
 from models.common.context import BatchReducer, MoEContext, global_sum
 
@@ -156,6 +156,8 @@ class Trainer:
         self.ckpt_root = run_dir / "checkpoints"
         self.metrics = MetricsLogger(run_dir, info.is_main, train_cfg.steps, train_cfg.progress)
         self.history: list[dict[str, Any]] = []  # rank 0's logged records (for the summary)
+        self.scheduler = build_scheduler(opt, train_cfg.steps, optim_cfg)  # warm-up + cosine
+        self._owners: Any = None  # the expert owners last logged (ep, fssdp)
         self._init_profiling()
 
     def _init_profiling(self) -> None:
@@ -183,11 +185,11 @@ class Trainer:
         )
 
     # -- state -------------------------------------------------------------------------------
-    def _state(self) -> dict[str, Any]:
+    def _state(self, loading: Path | None = None) -> dict[str, Any]:
         return {
             "app": ModelOptimState(self.par, self.opt),
             "sampler": self.sampler.state_dict(),
-            "scheduler": {"step": self.step},
+            "scheduler": scheduler_state(self.scheduler, self.step, loading),
             "rng": torch.get_rng_state(),
         }
 
@@ -230,7 +232,7 @@ class Trainer:
         return None
 
     def _load(self, path: Path) -> None:
-        state = self._state()
+        state = self._state(loading=path)
         ckpt.load_checkpoint(path, state)
         try:
             self.sampler.load_state_dict(state["sampler"])
@@ -244,6 +246,7 @@ class Trainer:
             )
         torch.set_rng_state(state["rng"])
         self.step = int(state["scheduler"]["step"])
+        restore_scheduler(self.scheduler, state["scheduler"])
         self.metrics.truncate_after(self.step)
 
     def save(self) -> Path:
@@ -308,9 +311,10 @@ class Trainer:
                     "before the update and no checkpoint was written from this state; "
                     f"{self._recovery_hint()}"
                 )
-            set_lr(self.opt, self.step, self.cfg.steps, self.optim_cfg)
             self.opt.step()  # the strategy's end of step runs as its post-hook
             self.opt.zero_grad(set_to_none=True)
+            lr = self.opt.param_groups[0]["lr"]  # this step's
+            self.scheduler.step()
         self.step += 1
         step_time = time.perf_counter() - t0
         phases = ph.end_step()
@@ -322,7 +326,7 @@ class Trainer:
             "loss": ce.item(),
             "aux_loss": 0.0 if aux is None else float(aux.item()),
             "grad_norm": float(gnorm),
-            "lr": self.opt.param_groups[0]["lr"],
+            "lr": lr,
             "step_time": step_time,
             "load": ctx.expert_load,
             "tokens": self.cfg.global_batch_size * self.cfg.seq_len,
@@ -373,6 +377,10 @@ class Trainer:
             "peak_rss_bytes": [int(r[3]) for r in rows],
             "expert_load": {b: [int(v) for v in c.tolist()] for b, c in out["load"].items()},
         }
+        owners = getattr(self.par, "owner", None)  # ep, fssdp: owning rank per expert per bank
+        now = None if owners is None else {b: [int(r) for r in o] for b, o in owners.items()}
+        if now is not None and now != self._owners:  # logged when they change
+            self._owners = record["owners"] = now
         if out.get("phases") is not None:  # the same on every rank: timing follows will_log
             record.update(gather_phases(out["phases"]))
         return record

@@ -118,7 +118,10 @@ def _open_tokens(path: str | None, key: str, dtype: type) -> np.ndarray:
         raise DataError(f"{key} is not set for data=tokens: {fix}")
     p = Path(path)
     if p.is_dir():
-        raise DataError(f"{key} '{path}' is a directory, not a token file: {fix}")
+        raise DataError(
+            f"{key} '{path}' is a directory, not a token file, and has no meta.json of "
+            f"python -m launch.prepare_data: {fix}, or at a prepare_data output directory"
+        )
     if not p.is_file():
         raise DataError(f"{key} '{path}' does not exist: {fix}")
     try:
@@ -186,21 +189,29 @@ def _check_vocab(tokens: np.ndarray, path: str, key: str, vocab: int) -> None:
 
 
 def load_tokens(cfg: DataConfig) -> tuple[TokenStream, TokenStream]:
+    """A token file (data.path, data.val_path), or a launch.prepare_data directory: its
+    train.bin and val.bin (vocab size and dtype from its meta.json: launch/data/meta.py)."""
+    from launch.data.meta import meta_file, token_files
+
     if cfg.token_dtype not in _TOKEN_DTYPES:
         raise DataError(f"data.token_dtype {cfg.token_dtype!r} is unknown: use uint16 or uint32")
     dtype = _TOKEN_DTYPES[cfg.token_dtype]
-    tokens = _open_tokens(cfg.path, "data.path", dtype)
-    if cfg.val_path is not None:
-        val_tokens = _open_tokens(cfg.val_path, "data.val_path", dtype)
-        train = TokenStream(tokens, cfg.vocab_size, f"tokens train ({cfg.path})")
-        val = TokenStream(val_tokens, cfg.vocab_size, f"tokens val ({cfg.val_path})")
+    path, val_path = cfg.path, cfg.val_path
+    if (meta := meta_file(path)) is not None:
+        train_file, val_file = token_files(meta)
+        path, val_path = str(train_file), val_path or str(val_file)
+    tokens = _open_tokens(path, "data.path", dtype)
+    if val_path is not None:
+        val_tokens = _open_tokens(val_path, "data.val_path", dtype)
+        train = TokenStream(tokens, cfg.vocab_size, f"tokens train ({path})")
+        val = TokenStream(val_tokens, cfg.vocab_size, f"tokens val ({val_path})")
     else:
         cut = len(tokens) - int(len(tokens) * cfg.val_fraction)
-        train = TokenStream(tokens[:cut], cfg.vocab_size, f"tokens train ({cfg.path})")
-        val = TokenStream(tokens[cut:], cfg.vocab_size, f"tokens val (tail of {cfg.path})")
-    _check_vocab(tokens, str(cfg.path), "data.path", cfg.vocab_size)  # the whole file, once
-    if cfg.val_path is not None:
-        _check_vocab(val.tokens, cfg.val_path, "data.val_path", cfg.vocab_size)
+        train = TokenStream(tokens[:cut], cfg.vocab_size, f"tokens train ({path})")
+        val = TokenStream(tokens[cut:], cfg.vocab_size, f"tokens val (tail of {path})")
+    _check_vocab(tokens, str(path), "data.path", cfg.vocab_size)  # the whole file, once
+    if val_path is not None:
+        _check_vocab(val.tokens, val_path, "data.val_path", cfg.vocab_size)
     return train, val
 
 

@@ -105,6 +105,6 @@ def test_slurm_script_launches_a_job(tmp_path: Path) -> None:
         timeout=240,
     )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    assert "topology: 1 nodes x 2 ranks per node" in p.stdout
+    assert "topology: 1 node x 2 ranks per node" in p.stdout
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2]

@@ -70,8 +70,8 @@ def test_report_of_a_real_run(run_dir: Path, capsys: pytest.CaptureFixture[str])
     for text in ("where the time goes", "dispatch", "straggler ratio", "bytes per step", "memory"):
         assert text in out, text
     page = (run_dir / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 7  # every figure: this run has every key
-    assert len(list((run_dir / "report").glob("*.png"))) == 7
+    assert page.count("data:image/png;base64,") == 9  # every figure: this run has every key
+    assert len(list((run_dir / "report").glob("*.png"))) == 9
 
 
 

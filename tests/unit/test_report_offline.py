@@ -34,7 +34,7 @@ def test_report_of_an_older_run(tmp_path: Path, capsys: pytest.CaptureFixture[st
     out = capsys.readouterr().out
     assert "no phase_time_s" in out and "straggler ratio" in out and "a2a" in out
     page = (tmp_path / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3  # straggler, communication, memory
+    assert page.count("data:image/png;base64,") == 4  # loss, straggler, communication, memory
     assert "no phase_spans" in page and "no expert_load" in page
 
 
