@@ -13,7 +13,6 @@ import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from torch import nn
 
-from fssdp.checkpoint import expert_param_fqns
 from launch.checkpoint import list_checkpoints, verify_checkpoint
 from launch.errors import UserError
 
@@ -53,38 +52,47 @@ def find_checkpoint(run_dir: Path, step: int | None = None) -> tuple[int, Path]:
     return found[-1]
 
 
+def read_model_entries(path: Path) -> dict[str, Any]:
+    """The model entries of checkpoint `path` ({"model": {fqn: t}, "experts": {"params":
+    {"<bank>.<param>.<e>": t}}}), read in one process the way DCP's `dcp_to_torch_save` reads a
+    whole checkpoint (tensors allocated from the metadata), but only these keys: the optimizer
+    state, twice the model, is not read."""
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    sd: dict[str, Any] = {}
+    planner = _EmptyStateDictLoadPlanner(keys={"app.model", "app.experts.params"})
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        _load_state_dict(sd, dcp.FileSystemReader(str(path)), planner=planner, no_dist=True)
+    return sd.get("app", {})
+
+
 def load_model_weights(model: nn.Module, path: Path) -> None:
-    """Fill `model`'s parameters (CPU, unsharded) from checkpoint `path`, in one process."""
-    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    banks = set(expert_param_fqns(model))
-    plain: dict[str, torch.Tensor] = {}
-    experts: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():
-        # Stacked bank entries under their FQN: checkpoints from before the shared layout.
-        if name not in banks or f"app.model.{name}" in meta:
-            plain[name] = torch.empty_like(p)
-        else:
-            for e in range(p.shape[0]):
-                experts[f"{name}.{e}"] = torch.empty_like(p[0])
-    state: dict[str, Any] = {"app": {"model": plain}}
-    if experts:
-        state["app"]["experts"] = {"params": experts}
+    """Fill `model`'s parameters (CPU, unsharded) from checkpoint `path`, in one process.
+    Experts are stored one entry per (bank, expert); checkpoints from before that layout hold
+    each stacked bank under its FQN, which is used as it is."""
     try:
         verify_checkpoint(path)
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=str(path), no_dist=True)
+        app = read_model_entries(path)
     except Exception as e:  # noqa: BLE001 - any failure here is the checkpoint's
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(
             f"checkpoint {path} cannot be read ({first}): pass an earlier step or move it aside"
         ) from e
+    plain, experts = app.get("model", {}), app.get("experts", {}).get("params", {})
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name in plain:
                 p.copy_(plain[name])
-            else:
-                p.copy_(torch.stack([experts[f"{name}.{e}"] for e in range(p.shape[0])]))
+                continue
+            rows = [experts.get(f"{name}.{e}") for e in range(p.shape[0])]
+            if any(r is None for r in rows):
+                raise UserError(
+                    f"checkpoint {path} has no entry for {name}: it was written by another "
+                    "model config (compare its run's config.yaml)"
+                )
+            p.copy_(torch.stack(rows))  # type: ignore[arg-type]
 
 
 def load_full_model(run_dir: Path, step: int | None = None) -> tuple[nn.Module, Any, int]:

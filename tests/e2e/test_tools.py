@@ -17,7 +17,7 @@ import pytest
 from launch import prepare_data
 from launch.errors import UserError
 from launch.train import compose_config
-from tests.support.driver import Driver, hashes, one_line
+from tests.support.driver import Driver, hashes
 from tests.support.launch import ENV, read_metrics, torchrun_cmd
 
 TINY = [
@@ -99,26 +99,49 @@ def _run(module: str, *args: str, nproc: int = 0) -> str:
 
 
 @pytest.mark.slow
-def test_prepare_train_eval_generate(bpe: Path, tmp_path: Path) -> None:
+def test_prepare_train_eval_generate(
+    bpe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from launch import generate
+
     run, sweep = tmp_path / "run", tmp_path / "sweep"
     with Driver() as d:
         got = d.run([*TINY, "parallel=fssdp", "data=tokens", f"data.path={bpe}",
-                     "train.steps=3", f"hydra.run.dir={run}"])  # fmt: skip
+                     "train.steps=2", f"hydra.run.dir={run}"])  # fmt: skip
         assert got["code"] == 0, got["stderr"][-3000:]
-        assert re.search(r"gpt_moe_tiny with vocab_size=\d+, n_layers=1:", got["stdout"])
-        assert re.search(r"parameters, [\d.]+M active per token", got["stdout"])
+        assert re.search(r"gpt_moe_tiny with vocab_size=\d+, n_layers=1: [\d,.M]+ parameters, "
+                         r"[\d,.M]+ active per token", got["stdout"]), got["stdout"]  # fmt: skip
         got = d.run(["-m", "seed=0,1", *TINY, "parallel=none", "data=synthetic",
                      "train.steps=1", f"hydra.sweep.dir={sweep}"])  # fmt: skip
         assert got["code"] == 0, got["stderr"][-3000:]
-    assert [_seed(sweep / str(n)) for n in range(2)] == [0, 1]
+    assert [_seed(sweep / str(n)) for n in range(2)] == [0, 1]  # one run dir per combination
     assert "owners" in read_metrics(run)[0]  # fssdp logs who owns each expert
-    one = _run("launch.eval", str(run), "--tokens", "256", "--batch", "4")
-    two = _run("launch.eval", str(run), "--tokens", "256", "--batch", "4", "--parallel", "ep",
+    out = _run("launch.eval", str(run), "--tokens", "256", "--batch", "4", "--parallel", "ep",
                nproc=2)  # fmt: skip
-    losses = [float(re.search(r"loss ([\d.]+) nats/token", o).group(1)) for o in (one, two)]
-    assert math.isclose(*losses, rel_tol=1e-4) and "256 tokens" in one and "perplexity" in one
-    text = _run("launch.generate", str(run), "--prompt", "def self", "--tokens", "8")
-    assert text.startswith("def self")
+    loss = float(re.search(r"loss ([\d.]+) nats/token", out).group(1))
+    assert "256 tokens (4 batches x 4 x 16" in out and "perplexity" in out, out
+    assert math.isclose(loss, _reference_loss(run, 256, 16), rel_tol=1e-4)
+    generate.main([str(run), "--prompt", "def self", "--tokens", "8"])
+    assert capsys.readouterr().out.startswith("def self")  # text out, with the run's BPE
+
+
+def _reference_loss(run: Path, tokens: int, seq: int) -> float:
+    """The plain model (launch.consolidate, one process) on the consecutive val windows that
+    launch.eval promises."""
+    import torch
+    import torch.nn.functional as F
+
+    from launch.consolidate import load_full_model
+    from launch.data import build_streams
+
+    model, cfg, _ = load_full_model(run)
+    val = build_streams(cfg.data)[1].tokens
+    n = tokens // seq
+    win = torch.from_numpy(np.asarray(val[: n * seq + 1], dtype=np.int64))
+    x = torch.stack([win[i * seq : (i + 1) * seq] for i in range(n)])
+    y = torch.stack([win[i * seq + 1 : (i + 1) * seq + 1] for i in range(n)])
+    with torch.no_grad():
+        return float(F.cross_entropy(model(x).flatten(0, 1), y.flatten()))
 
 
 def _seed(run: Path) -> int:
@@ -128,10 +151,10 @@ def _seed(run: Path) -> int:
 
 
 def test_train_sh_answers_flags_in_one_process() -> None:
+    """Not from each of 2 torchrun workers (train.sh routes any option but -m to one process;
+    the unknown-option line itself is tested in tests/unit/test_cli_tools.py)."""
     p = subprocess.run(["bash", str(ROOT / "train.sh"), "--cfg", "job", "train.steps=3"],
                        env=ENV, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert p.returncode == 0 and p.stdout.count("steps: 3") == 1, p.stderr[-2000:]
     assert "family: moeut" in p.stdout  # the default job's model (experiment=default_job)
-    p = subprocess.run(["bash", str(ROOT / "train.sh"), "--bogus"],
-                       env=ENV, capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert p.returncode == 2 and "unknown option '--bogus'" in one_line(p.stderr)
+    assert "torchrun" not in p.stderr and "ChildFailedError" not in p.stderr
