@@ -1,83 +1,27 @@
-"""Value rules for config dataclasses: one table (`RULES`) beside each dataclass, checked by
-`launch/validation.py` before any rank starts work. Dependency-free so that `fssdp` (and any
-other package) can declare rules without importing `launch`.
+"""The config rule helpers (`Rule`, `at_least`, `one_of`, `check`, …): they live in
+models/common/rules.py, dependency-free, so that the model zoo (which imports nothing of fssdp or
+launch) declares its rule tables with them too; re-exported here for fssdp and launch."""
 
-A rule names its field, what is allowed, how to fix a bad value, and one value it refuses (`bad`):
-the tests run every rule of every table with that value, so a rule cannot exist untested.
-"""
+from models.common.rules import (
+    Rule,
+    RuleError,
+    above,
+    at_least,
+    between,
+    check,
+    multiple_of,
+    one_of,
+    up_to,
+)
 
-from __future__ import annotations
-
-import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
-
-
-class RuleError(ValueError):
-    """A config value outside its rule; the message is the whole line shown to the user."""
-
-
-@dataclass(frozen=True)
-class Rule:
-    key: str  # field name inside the dataclass
-    ok: Callable[[Any, Any], bool]  # (value, the whole dataclass instance) -> allowed?
-    allowed: str  # what is allowed, in words ("an integer ≥ 1")
-    fix: str  # how to fix it; "{key}" becomes the dotted key ("e.g. {key}=10")
-    bad: Any  # one value the rule refuses (an override the tests pass)
-
-
-def _num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
-
-
-def at_least(key: str, lo: float, fix: str, *, note: str = "", finite: bool = True) -> Rule:
-    """key ≥ lo (and finite unless `finite=False`); refuses lo - 1."""
-    allowed = f"≥ {lo}" + ("" if finite else " (inf allowed)") + (f", {note}" if note else "")
-    return Rule(
-        key,
-        lambda v, _: _num(v) and v >= lo and (not finite or math.isfinite(v)),
-        allowed,
-        fix,
-        lo - 1,
-    )
-
-
-def above(key: str, lo: float, fix: str, *, hi: float = math.inf, note: str = "") -> Rule:
-    """lo < key ≤ hi and finite; refuses lo itself."""
-    allowed = (f"> {lo} and finite" if hi == math.inf else f"in ({lo}, {hi:g}]") + (
-        f", {note}" if note else ""
-    )
-    return Rule(key, lambda v, _: _num(v) and lo < v <= hi and v < math.inf, allowed, fix, lo)
-
-
-def between(key: str, lo: float, hi: float, fix: str, *, hi_open: bool = False) -> Rule:
-    """lo ≤ key ≤ hi (< hi when `hi_open`); refuses lo - 1."""
-    bracket = ")" if hi_open else "]"
-    return Rule(
-        key,
-        lambda v, _: _num(v) and lo <= v and (v < hi if hi_open else v <= hi),
-        f"in [{lo}, {hi}{bracket}",
-        fix,
-        lo - 1,
-    )
-
-
-def one_of(key: str, choices: Iterable[str], fix: str = "") -> Rule:
-    names = tuple(choices)
-    return Rule(
-        key,
-        lambda v, _: v in names,
-        "one of " + " | ".join(names),
-        fix or f"e.g. {{key}}={names[0]}",
-        "bogus",
-    )
-
-
-def check(section: str, obj: Any, rules: Iterable[Rule]) -> None:
-    """Raise RuleError for the first rule that `obj` (a config dataclass instance) breaks."""
-    for r in rules:
-        value, key = getattr(obj, r.key), f"{section}.{r.key}"
-        if not r.ok(value, obj):
-            fix = r.fix.format(key=key)
-            raise RuleError(f"{key}={value!r} is not allowed (must be {r.allowed}): {fix}")
+__all__ = [
+    "Rule",
+    "RuleError",
+    "above",
+    "at_least",
+    "between",
+    "check",
+    "multiple_of",
+    "one_of",
+    "up_to",
+]

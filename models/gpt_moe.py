@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -21,8 +22,9 @@ from models.common.attention import CausalSelfAttention, KVCache
 from models.common.context import MoEContext
 from models.common.experts import MLPExperts
 from models.common.layers import Embedding
-from models.common.moe import MoEFeedForward
+from models.common.moe import AUX_POOLING, MoEFeedForward
 from models.common.router import TopKRouter
+from models.common.rules import Rule, above, at_least, multiple_of, one_of, up_to
 from models.spec import ModelSpec, register
 
 
@@ -42,6 +44,36 @@ class GPTMoEConfig:
     aux_z: float = 0.0
     route_skew: float = 0.0
     init_std: float = 0.02
+    RULES: ClassVar[tuple[Rule, ...]] = ()  # the table below
+
+
+# Checked by launch/validation.py before any rank starts; each rule's `bad` value is tested.
+RULES = GPTMoEConfig.RULES = (
+    one_of("family", ("gpt_moe",), "choose the family with model=<family>_<size>, not {key}"),
+    at_least("vocab_size", 2, "e.g. {key}=256"),
+    at_least("d_model", 1, "e.g. {key}=64"),
+    at_least("n_layers", 1, "e.g. {key}=4"),
+    at_least("n_heads", 1, "e.g. {key}=4"),
+    multiple_of(
+        "d_model",
+        "n_heads",
+        "use a multiple of model.n_heads={cfg.n_heads}, or a model.n_heads that divides {key}",
+        bad=63,
+    ),
+    at_least("num_experts", 1, "e.g. {key}=8"),
+    up_to(
+        "top_k",
+        "num_experts",
+        "pick 1 … model.num_experts={cfg.num_experts}, or raise model.num_experts",
+    ),
+    at_least("expert_hidden", 0, "e.g. {key}=0", note="0 = 2·d_model"),
+    at_least("max_seq_len", 1, "e.g. {key}=1024"),
+    at_least("aux_switch", 0, "e.g. {key}=0.01 (0 = off)"),
+    one_of("aux_pooling", AUX_POOLING),
+    at_least("aux_z", 0, "e.g. {key}=0 (off)"),
+    at_least("route_skew", 0, "e.g. {key}=0 (off)", note="a Zipf exponent"),
+    above("init_std", 0, "e.g. {key}=0.02"),
+)
 
 
 class GPTMoEBlock(nn.Module):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,8 +26,9 @@ from models.common.context import MoEContext
 from models.common.experts import ExpertBank, MLPExperts
 from models.common.layers import Embedding, Linear
 from models.common.mamba import MambaCache, MambaMixer
-from models.common.moe import MoEFeedForward
+from models.common.moe import AUX_POOLING, MoEFeedForward
 from models.common.router import TopKRouter
+from models.common.rules import Rule, above, at_least, multiple_of, one_of, up_to
 from models.spec import ModelSpec, register
 
 
@@ -57,6 +59,66 @@ class JambaConfig:
     route_skew: float = 0.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    RULES: ClassVar[tuple[Rule, ...]] = ()  # the table below
+
+
+# Checked by launch/validation.py before any rank starts; each rule's `bad` value is tested.
+RULES = JambaConfig.RULES = (
+    one_of("family", ("jamba",), "choose the family with model=<family>_<size>, not {key}"),
+    at_least("vocab_size", 2, "e.g. {key}=256"),
+    at_least("d_model", 1, "e.g. {key}=64"),
+    at_least("n_layers", 1, "e.g. {key}=4"),
+    at_least("n_heads", 1, "e.g. {key}=4"),
+    multiple_of(
+        "d_model",
+        "n_heads",
+        "use a multiple of model.n_heads={cfg.n_heads}, or a model.n_heads that divides {key}",
+        bad=63,
+    ),
+    at_least("n_kv_heads", 1, "e.g. {key}=2"),
+    multiple_of(
+        "n_heads",
+        "n_kv_heads",
+        "use a multiple of model.n_kv_heads={cfg.n_kv_heads}, "
+        "or a model.n_kv_heads that divides {key}",
+        bad=1,
+    ),
+    at_least("d_ff", 1, "e.g. {key}=128"),
+    at_least("attn_period", 1, "e.g. {key}=4"),
+    up_to(
+        "attn_offset",
+        "attn_period",
+        "pick 0 … model.attn_period-1 (model.attn_period={cfg.attn_period})",
+        lo=0,
+        below=True,
+    ),
+    at_least("expert_period", 1, "e.g. {key}=2"),
+    up_to(
+        "expert_offset",
+        "expert_period",
+        "pick 0 … model.expert_period-1 (model.expert_period={cfg.expert_period})",
+        lo=0,
+        below=True,
+    ),
+    at_least("num_experts", 1, "e.g. {key}=8"),
+    up_to(
+        "top_k",
+        "num_experts",
+        "pick 1 … model.num_experts={cfg.num_experts}, or raise model.num_experts",
+    ),
+    at_least("d_state", 1, "e.g. {key}=8"),
+    at_least("d_conv", 1, "e.g. {key}=4"),
+    at_least("expand", 1, "e.g. {key}=2"),
+    at_least("dt_rank", 0, "e.g. {key}=0", note="0 = ceil(d_model / 16)"),
+    one_of("scan", ("chunked", "sequential")),
+    at_least("scan_chunk", 1, "e.g. {key}=16"),
+    at_least("aux_switch", 0, "e.g. {key}=0.001 (0 = off)"),
+    one_of("aux_pooling", AUX_POOLING, "e.g. {key}=pooled"),
+    at_least("aux_z", 0, "e.g. {key}=0 (off)"),
+    at_least("route_skew", 0, "e.g. {key}=0 (off)", note="a Zipf exponent"),
+    above("norm_eps", 0, "e.g. {key}=1e-6"),
+    above("init_std", 0, "e.g. {key}=0.02"),
+)
 
 
 def is_attention_layer(cfg: JambaConfig, i: int) -> bool:

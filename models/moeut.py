@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ from models.common.experts import ExpertBank, LinearExperts, MLPExperts
 from models.common.layers import Embedding, Linear, reset_unless_meta
 from models.common.moe import moe_combine, record_routing
 from models.common.router import Routing, TopKRouter, route, router_dtype, skew_bias
+from models.common.rules import Rule, above, at_least, between, multiple_of, one_of, up_to
 from models.spec import ModelSpec, register
 
 
@@ -60,6 +62,50 @@ class MoEUTConfig:
     att_expert_dropout: float = 0.0
     dropout: float = 0.0  # on the attention output (reference placement)
     route_skew: float = 0.0
+    RULES: ClassVar[tuple[Rule, ...]] = ()  # the table below
+
+
+# Checked by launch/validation.py before any rank starts; each rule's `bad` value is tested.
+RULES = MoEUTConfig.RULES = (
+    one_of("family", ("moeut",), "choose the family with model=<family>_<size>, not {key}"),
+    at_least("vocab_size", 2, "e.g. {key}=256"),
+    at_least("d_model", 1, "e.g. {key}=64"),
+    at_least("n_layers", 1, "e.g. {key}=4 (the unrolled depth)"),
+    at_least("group_size", 1, "e.g. {key}=2 (distinct layers)"),
+    multiple_of(
+        "n_layers",
+        "group_size",
+        "use a multiple of model.group_size={cfg.group_size}, "
+        "or a model.group_size that divides {key}",
+        bad=3,
+    ),
+    at_least("n_heads", 1, "e.g. {key}=4"),
+    at_least("d_head", 1, "e.g. {key}=16"),
+    at_least("num_experts", 1, "e.g. {key}=8"),
+    up_to(
+        "top_k",
+        "num_experts",
+        "pick 1 … model.num_experts={cfg.num_experts}, or raise model.num_experts",
+    ),
+    at_least("expert_hidden", 1, "e.g. {key}=128"),
+    at_least("att_experts", 1, "e.g. {key}=4", note="1 = dense V/O, gated per head"),
+    Rule(
+        "att_top_k",
+        lambda v, c: v >= 1 and (v <= c.att_experts or c.att_experts == 1),
+        "in [1, att_experts] unless att_experts=1",
+        "pick 1 … model.att_experts={cfg.att_experts}, or raise model.att_experts",
+        0,
+    ),
+    between("rope_fraction", 0, 1, "e.g. {key}=0.5 (the share of each head's channels)"),
+    above("rope_base", 0, "e.g. {key}=10000"),
+    at_least("aux_entropy", 0, "e.g. {key}=0.01 (0 = off)"),
+    at_least("aux_att_entropy", 0, "e.g. {key}=0.001 (0 = off)"),
+    one_of("entropy_pooling", ("sequence", "batch")),
+    between("expert_dropout", 0, 1, "e.g. {key}=0 (off)", hi_open=True),
+    between("att_expert_dropout", 0, 1, "e.g. {key}=0 (off)", hi_open=True),
+    between("dropout", 0, 1, "e.g. {key}=0 (off)", hi_open=True),
+    at_least("route_skew", 0, "e.g. {key}=0 (off)", note="a Zipf exponent"),
+)
 
 
 def _unit_rows_keep_std_(w: Tensor) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,7 @@ from models.common.experts import ExpertBank, LinearExperts, MLPExperts
 from models.common.layers import Embedding, Linear, reset_unless_meta
 from models.common.moe import record_routing
 from models.common.router import Router, Routing, route, router_dtype, skew_bias
+from models.common.rules import Rule, above, at_least, between, multiple_of, one_of, up_to
 from models.spec import ModelSpec, register
 
 
@@ -67,6 +69,46 @@ class SUTConfig:
     aux_act: float = 0.01  # ACT loss: mean expected depth
     dropout: float = 0.0  # on both residual branches
     route_skew: float = 0.0
+    RULES: ClassVar[tuple[Rule, ...]] = ()  # the table below
+
+
+# Checked by launch/validation.py before any rank starts; each rule's `bad` value is tested.
+RULES = SUTConfig.RULES = (
+    one_of("family", ("sut",), "choose the family with model=<family>_<size>, not {key}"),
+    at_least("vocab_size", 2, "e.g. {key}=256"),
+    at_least("d_model", 1, "e.g. {key}=64"),
+    at_least("max_steps", 1, "e.g. {key}=4 (applications of the shared layer)"),
+    at_least("att_experts", 1, "e.g. {key}=4"),
+    up_to(
+        "att_top_k",
+        "att_experts",
+        "pick 1 … model.att_experts={cfg.att_experts}, or raise model.att_experts",
+    ),
+    at_least("att_expert_dim", 1, "e.g. {key}=32"),
+    at_least("d_head", 1, "e.g. {key}=16"),
+    multiple_of(
+        "att_expert_dim",
+        "d_head",
+        "use a multiple of model.d_head={cfg.d_head}, or a model.d_head that divides {key}",
+        bad=33,
+    ),
+    at_least("num_experts", 1, "e.g. {key}=4"),
+    up_to(
+        "top_k",
+        "num_experts",
+        "pick 1 … model.num_experts={cfg.num_experts}, or raise model.num_experts",
+    ),
+    at_least("expert_hidden", 1, "e.g. {key}=64"),
+    at_least("max_rel_pos", 0, "e.g. {key}=63 (offsets are clipped to ±{key})"),
+    # 0 would halt every token after one step; 1 never halts early.
+    above("halt_threshold", 0, "e.g. {key}=0.999 (1 = no early halting)", hi=1),
+    at_least("aux_mi", 0, "e.g. {key}=0.1 (0 = off)"),
+    one_of("mi_weights", ("remaining_mass", "uniform")),
+    one_of("kv_source", ("soft_halted", "state")),
+    at_least("aux_act", 0, "e.g. {key}=0.01 (0 = off)"),
+    between("dropout", 0, 1, "e.g. {key}=0 (off)", hi_open=True),
+    at_least("route_skew", 0, "e.g. {key}=0 (off)", note="a Zipf exponent"),
+)
 
 
 class MLPRouter(Router):

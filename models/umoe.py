@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ from models.common.experts import ExpertBank, MLPExperts
 from models.common.layers import Embedding, Linear, reset_unless_meta
 from models.common.moe import moe_combine, record_routing
 from models.common.router import TopKRouter
+from models.common.rules import Rule, above, at_least, one_of, up_to
 from models.spec import ModelSpec, register
 
 
@@ -56,6 +58,42 @@ class UMoEConfig:
     route_skew: float = 0.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    RULES: ClassVar[tuple[Rule, ...]] = ()  # the table below
+
+
+# Checked by launch/validation.py before any rank starts; each rule's `bad` value is tested.
+RULES = UMoEConfig.RULES = (
+    one_of("family", ("umoe",), "choose the family with model=<family>_<size>, not {key}"),
+    at_least("vocab_size", 2, "e.g. {key}=256"),
+    at_least("d_model", 1, "e.g. {key}=64"),
+    at_least("n_layers", 1, "e.g. {key}=2"),
+    at_least("num_experts", 1, "e.g. {key}=8"),
+    at_least("expert_hidden", 1, "e.g. {key}=32"),
+    at_least("shared_hidden", 0, "e.g. {key}=0", note="0 = expert_hidden"),
+    up_to(
+        "top_k_att",
+        "num_experts",
+        "pick 1 … model.num_experts={cfg.num_experts}, or raise model.num_experts",
+    ),
+    up_to(
+        "top_k_ffn",
+        "num_experts",
+        "pick 1 … model.num_experts={cfg.num_experts}, or raise model.num_experts",
+    ),
+    at_least("q_rank", 1, "e.g. {key}=4"),
+    Rule(
+        "d_qk",
+        lambda v, _: v >= 2 and v % 2 == 0,
+        "an even integer ≥ 2",
+        "e.g. {key}=16 (RoPE rotates channel pairs)",
+        15,
+    ),
+    above("rope_base", 0, "e.g. {key}=10000"),
+    at_least("aux_seq_balance", 0, "e.g. {key}=0.001 (0 = off)"),
+    at_least("route_skew", 0, "e.g. {key}=0 (off)", note="a Zipf exponent"),
+    above("norm_eps", 0, "e.g. {key}=1e-6"),
+    above("init_std", 0, "e.g. {key}=0.02"),
+)
 
 
 class SharedExpert(nn.Module):

@@ -47,7 +47,8 @@ EARLY: list[tuple[list[str], dict[str, str], str]] = [
     (["data=tokens", "data.path={run}/checkpoints"], {}, "is a directory, not a token file"),
     (["train.dtype=int8"], {}, "train.dtype"),
     (["train.seq_len=100000"], {}, "exceeds model.max_seq_len"),
-    (["model.top_k=9"], {}, "top_k=9 must be in [1, num_experts=8]"),
+    (["model.top_k=9"], {}, "model.top_k=9 is not allowed (must be in [1, num_experts])"),
+    (["model.n_heads=3"], {}, "model.d_model=64 is not allowed (must be a multiple of n_heads)"),
     (["train.resume=maybe"], {}, "train.resume='maybe' is not allowed (must be auto | true"),
     (["train.resume=false"], {}, "already holds checkpoints (latest: step 2)"),
     (["train.resume_step=7"], {}, "has no checkpoint of that step (saved: 1, 2)"),
@@ -60,6 +61,7 @@ EARLY: list[tuple[list[str], dict[str, str], str]] = [
     (["optim.lr=1e39"], {}, "optim.lr=1e+39 is not allowed"),
     (["train.log_every=0"], {}, "train.log_every=0 is not allowed (must be ≥ 1"),
     (["parallel.memory_cap=-1"], {}, "parallel.memory_cap=-1 is not allowed (must be ≥ 0"),
+    (["model.route_skew=-1"], {}, "model.route_skew=-1.0 is not allowed (must be ≥ 0"),
     # The run directory: a file, under a file, or held by another job.
     (["hydra.run.dir={file}"], {}, "is a file, not a directory: use another path"),
     (["hydra.run.dir={file}/run"], {}, "Not a directory [ENOTDIR]"),

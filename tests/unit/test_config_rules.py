@@ -2,7 +2,8 @@
 rule's own bad value ends `launch.train.main` with one line naming the key, what is allowed and
 the fix, exit code 2, before any rank starts work (nothing is created). The config is composed
 once and each case swaps one value in, as its override would (tests/e2e/test_bad_input.py runs
-a few of them as real overrides)."""
+a few of them as real overrides). A model family's table (`RULES` beside its config dataclass in
+models/<family>.py) is run the same way on the family's tiny preset."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from launch import train
 from launch.validation import rule_tables
+from models.registry import model_specs
 from tests.support.driver import one_line
 
 SMALL = ["model=gpt_moe_tiny", "model.n_layers=1", "parallel=none", "data=synthetic"]
@@ -27,11 +29,53 @@ NO_RULE = {
     "parallel": {"rematerialize"},
     "optim": set(),
 }
+SPECS = sorted(model_specs().items())
+MODEL_RULES = [(family, rule) for family, spec in SPECS for rule in spec.config_cls.RULES]
+MODEL_IDS = [f"{family}.{rule.key}" for family, rule in MODEL_RULES]
+NO_MODEL_RULE = {"sut": {"mi_reference_sign"}, "umoe": {"q_norm"}}  # booleans
+# Bad values probed before the model tables existed: tracebacks, silent training, or (umoe
+# norm_eps=-1) a misleading "loss is nan"; each is now one line naming the key.
+PROBED = [
+    ("gpt_moe", "expert_hidden", -4), ("gpt_moe", "init_std", -1), ("gpt_moe", "d_model", 0),
+    ("gpt_moe", "n_layers", 0), ("gpt_moe", "aux_switch", -1), ("gpt_moe", "route_skew", -1),
+    ("moeut", "d_model", 0), ("moeut", "n_layers", 0), ("moeut", "n_heads", 0),
+    ("moeut", "d_head", 0), ("moeut", "att_experts", 0), ("moeut", "rope_fraction", 2),
+    ("moeut", "expert_hidden", 0), ("sut", "d_model", 0), ("sut", "max_steps", 0),
+    ("sut", "expert_hidden", 0), ("sut", "d_head", 0), ("sut", "halt_threshold", 2),
+    ("umoe", "d_model", 0), ("umoe", "d_qk", 0), ("umoe", "n_layers", 0), ("umoe", "q_rank", 0),
+    ("umoe", "expert_hidden", 0), ("umoe", "norm_eps", -1), ("jamba", "scan_chunk", 0),
+    ("jamba", "n_layers", 0), ("jamba", "d_state", 0),
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def base() -> DictConfig:
     return train.compose_config(SMALL)[0]
+
+
+@pytest.fixture(scope="module")
+def family_base(base: DictConfig) -> dict[str, DictConfig]:
+    """The small job with each family's tiny preset swapped in (as `model=<family>_tiny`)."""
+    jobs = {}
+    for family, spec in SPECS:
+        jobs[family] = job = base.copy()
+        job.model = OmegaConf.structured(spec.presets["tiny"])
+    return jobs
+
+
+def _refused(job: DictConfig, key: str, bad: Any, tmp_path: Path, monkeypatch: Any, capsys: Any
+             ) -> str:  # fmt: skip
+    """The one error line of `launch.train.main` on `job` with `key` set to `bad` (exit 2,
+    nothing created)."""
+    job = job.copy()
+    OmegaConf.update(job, key, bad)
+    run = tmp_path / "run"
+    monkeypatch.setattr(train, "compose_config", lambda _: (job, str(run)))
+    with pytest.raises(SystemExit) as e:
+        train.main([])
+    assert e.value.code == 2
+    assert not run.exists()  # refused before the run directory was made
+    return one_line(capsys.readouterr().err)
 
 
 @pytest.mark.parametrize(("section", "rule"), RULES, ids=IDS)
@@ -44,17 +88,42 @@ def test_rule_refuses_its_bad_value_in_one_line(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     key = f"{section}.{rule.key}"
-    job = base.copy()
-    OmegaConf.update(job, key, rule.bad)
-    run = tmp_path / "run"
-    monkeypatch.setattr(train, "compose_config", lambda _: (job, str(run)))
-    with pytest.raises(SystemExit) as e:
-        train.main([])
-    assert e.value.code == 2
-    line = one_line(capsys.readouterr().err)
+    line = _refused(base, key, rule.bad, tmp_path, monkeypatch, capsys)
     assert f"{key}=" in line and f"must be {rule.allowed}" in line, line
     assert rule.fix.format(key=key) in line, line
-    assert not run.exists()  # refused before the run directory was made
+
+
+@pytest.mark.parametrize(("family", "rule"), MODEL_RULES, ids=MODEL_IDS)
+def test_model_rule_refuses_its_bad_value_in_one_line(
+    family_base: dict[str, DictConfig],
+    family: str,
+    rule: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    key, job = f"model.{rule.key}", family_base[family]
+    line = _refused(job, key, rule.bad, tmp_path, monkeypatch, capsys)
+    assert f"{key}=" in line and f"must be {rule.allowed}" in line, line
+    cfg = OmegaConf.to_object(job.model)
+    setattr(cfg, rule.key, rule.bad)
+    assert rule.fix.format(key=key, cfg=cfg) in line, line
+
+
+@pytest.mark.parametrize(
+    ("family", "field", "bad"), PROBED, ids=[f"{f}.{k}={v}" for f, k, v in PROBED]
+)
+def test_probed_model_values_are_one_line(
+    family_base: dict[str, DictConfig],
+    family: str,
+    field: str,
+    bad: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    line = _refused(family_base[family], f"model.{field}", bad, tmp_path, monkeypatch, capsys)
+    assert line.startswith(f"fssdp: error: model.{field}=") and "is not allowed" in line, line
 
 
 def test_every_config_field_has_a_rule_or_needs_none() -> None:
@@ -66,6 +135,22 @@ def test_every_config_field_has_a_rule_or_needs_none() -> None:
         ruled = {r.key for r in rules}
         assert ruled <= fields, (section, ruled - fields)
         assert fields - ruled == NO_RULE[section], (section, fields - ruled)
+
+
+def test_every_model_config_field_has_a_rule_or_needs_none() -> None:
+    for family, spec in SPECS:
+        fields = {f.name for f in dataclasses.fields(spec.config_cls)}
+        ruled = {r.key for r in spec.config_cls.RULES}
+        assert ruled <= fields, (family, ruled - fields)
+        assert fields - ruled == NO_MODEL_RULE.get(family, set()), (family, fields - ruled)
+
+
+def test_every_model_preset_passes_its_rules() -> None:
+    from fssdp.rules import check
+
+    for family, spec in SPECS:
+        for size, cfg in spec.presets.items():
+            check(f"model ({family}_{size})", cfg, spec.config_cls.RULES)
 
 
 def test_a_rule_names_nan_and_inf_too(base: DictConfig) -> None:
