@@ -114,7 +114,8 @@ def write_tokens(
     with (
         open(out / M.TRAIN, "wb") as train_f,
         open(out / M.VAL, "wb") as val_f,
-        tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stdout) as bar,
+        tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stdout,
+             mininterval=0.5 if sys.stdout.isatty() else 10) as bar,  # a log gets few lines
     ):
         for f in files:
             raw = f.read_bytes()

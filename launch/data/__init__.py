@@ -1,8 +1,8 @@
 """Training data: token streams (pystdlib, tokens, synthetic) and the world-size-invariant sampler.
 
 The global batch of step s is a pure function of (seed, s); rank r of W takes rows
-[r*B/W, (r+1)*B/W). So the loss is the same for any world size (DESIGN.md §4) and a sampler
-state saved at one world size restores at any other.
+[r*B/W, (r+1)*B/W). So the loss is the same for any world size (what the parity tests check)
+and a sampler state saved at one world size restores at any other.
 """
 
 from launch.data.config import DataConfig, DataError
