@@ -332,7 +332,17 @@ def multirun(overrides: list[str]) -> None:
     <hydra.sweep.dir>/<n>. Under torchrun every rank expands the same argv to the same list, and
     each run takes rank 0's directory (_agree), so the ranks agree on the sweep's runs."""
     jobs = cli.sweep(overrides)
-    _, _, sweep_dir = compose(jobs[0])  # the sweep directory is composed once
+    first, _, sweep_dir = compose(jobs[0])  # the sweep directory is composed once
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one list and one directory
+        from launch.dist import init_distributed
+
+        init_distributed(first.parallel.timeout_s)
+        got: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(got, jobs)
+        if any(g != jobs for g in got):
+            raise UserError("the ranks expanded the sweep differently: start every rank with "
+                            "the same arguments")  # fmt: skip
+        sweep_dir = _agree(sweep_dir)
     main_rank = os.environ.get("RANK", "0") == "0"
     if main_rank:
         print(f"sweep: {len(jobs)} runs in {sweep_dir}", flush=True)

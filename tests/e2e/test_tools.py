@@ -116,8 +116,10 @@ def test_prepare_train_eval_generate(
         assert got["code"] == 0, got["stderr"][-3000:]
     assert [_seed(sweep / str(n)) for n in range(2)] == [0, 1]  # one run dir per combination
     assert "owners" in read_metrics(run)[0]  # fssdp logs who owns each expert
+    before = hashes(run)
     out = _run("launch.eval", str(run), "--tokens", "256", "--batch", "4", "--parallel", "ep",
                nproc=2)  # fmt: skip
+    assert hashes(run) == before  # eval writes nothing into the run directory
     loss = float(re.search(r"loss ([\d.]+) nats/token", out).group(1))
     assert "256 tokens (4 batches x 4 x 16" in out and "perplexity" in out, out
     assert math.isclose(loss, _reference_loss(run, 256, 16), rel_tol=1e-4)
