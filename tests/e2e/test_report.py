@@ -42,6 +42,9 @@ def test_metrics_carry_phases_and_load(run_dir: Path) -> None:
         assert {"forward", "backward", "expert", "dispatch", "spag"} <= set(r["phase_time_s"])
         assert set(r["expert_load"]) == set(r["replicas"])
         assert all(sum(c) == 4 * 32 * 2 for c in r["expert_load"].values())  # tokens × top-2
+    # owners: logged at the first record, then only when re-sharding changes them
+    assert "owners" in recs[0] and not any("owners" in r for r in recs[1:])
+    assert all(set(o) <= {0, 1} for o in recs[0]["owners"].values())
 
 
 def test_profiler_writes_one_chrome_trace_per_rank(run_dir: Path) -> None:
@@ -62,6 +65,7 @@ def test_tensorboard_has_load_histograms_and_heatmaps(run_dir: Path) -> None:
     assert "phase_time_s/expert/max" in tags["scalars"]
     hist = acc.Histograms("expert_load/blocks.0.moe.experts")[-1].histogram_value
     assert hist.num == 4 * 32 * 2 and len(hist.bucket) == 8
+    assert hist.min == -0.5 and list(hist.bucket_limit) == [e + 0.5 for e in range(8)]  # ids
 
 
 def test_report_of_a_real_run(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
