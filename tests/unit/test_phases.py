@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fssdp.phases import PhaseTimer, time_backward_chain, time_routers
+from models.common.router import Router
 from tests.support.parity import train_capture
 from tests.support.phase_checks import check_spans, timed_record
 
@@ -119,7 +120,7 @@ def test_backward_chain_follows_autograd() -> None:
     assert w.grad is not None and torch.equal(w.grad, torch.full((3,), 6.0))
 
 
-class ToyRouter(nn.Module):
+class ToyRouter(Router):  # routers are found by their base class
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(4, 3)
