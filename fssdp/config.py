@@ -6,13 +6,20 @@ from dataclasses import dataclass
 
 from fssdp.rules import above, at_least, one_of
 
-STRATEGIES = ("none", "ddp", "fsdp", "ep", "fssdp")
 PLAN_MODES = ("predict", "exact", "calibrate")
+
+
+def strategy_names() -> list[str]:
+    """The registered strategies (fssdp/strategies/registry.py), looked up when asked: the
+    registry's modules import this one, so it is not imported at module level."""
+    from fssdp.strategies.registry import strategy_names as names
+
+    return names()
 
 
 @dataclass
 class ParallelConfig:
-    strategy: str = "ddp"  # none | ddp | fsdp | ep | fssdp
+    strategy: str = "ddp"  # a registered strategy: none | ddp | fsdp | ep | fssdp
     # Seconds a collective may wait before the run fails naming rank and phase.
     timeout_s: float = 300.0
     # Ranks per node for the topology (0: LOCAL_WORLD_SIZE from torchrun).
@@ -31,7 +38,7 @@ class ParallelConfig:
 
 # Checked by launch/validation.py before any rank starts; each rule's `bad` value is tested.
 RULES = (
-    one_of("strategy", STRATEGIES),
+    one_of("strategy", strategy_names, "e.g. {key}=ddp"),
     above("timeout_s", 0, "e.g. {key}=300 (seconds a collective may wait)"),
     at_least("ranks_per_node", 0, "e.g. {key}=0 (from torchrun)", note="0 = from torchrun"),
     one_of("plan_mode", PLAN_MODES, "e.g. {key}=exact"),

@@ -13,7 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from fssdp.config import STRATEGIES, ParallelConfig
+from fssdp.config import ParallelConfig, strategy_names
 from launch.data import DataConfig
 from launch.optim import OPTIMIZERS, OptimConfig
 from launch.trainer import TrainConfig
@@ -38,7 +38,7 @@ def register_configs() -> None:
     cs.store(name="fssdp_schema", node=Config)
     for name, cfg in model_presets().items():
         cs.store(group="model", name=name, node=cfg)
-    for strategy in STRATEGIES:
+    for strategy in strategy_names():
         cs.store(group="parallel", name=strategy, node=ParallelConfig(strategy=strategy))
     for source in DATA_SOURCES:
         cs.store(group="data", name=source, node=replace(DataConfig(), name=source))

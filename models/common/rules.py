@@ -65,13 +65,34 @@ def between(key: str, lo: float, hi: float, fix: str, *, hi_open: bool = False) 
     )
 
 
-def one_of(key: str, choices: Iterable[str], fix: str = "") -> Rule:
-    names = tuple(choices)
+class _Choices:
+    """`one of a | b | c` for a name list looked up each time it is shown or checked (a registry
+    that grows after the rule table is built: `parallel.strategy`)."""
+
+    def __init__(self, names: Callable[[], Iterable[str]]) -> None:
+        self.names = names
+
+    def __contains__(self, value: object) -> bool:
+        return value in tuple(self.names())
+
+    def __str__(self) -> str:
+        return "one of " + " | ".join(self.names())
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
+def one_of(key: str, choices: Iterable[str] | Callable[[], Iterable[str]], fix: str = "") -> Rule:
+    """key is one of `choices`: a fixed list, or a function giving it when the rule runs (then
+    `fix` is needed)."""
+    names = _Choices(choices) if callable(choices) else tuple(choices)
+    if callable(choices) and not fix:
+        raise ValueError(f"one_of({key!r}, <function>) needs a fix text")
     return Rule(
         key,
         lambda v, _: v in names,
-        "one of " + " | ".join(names),
-        fix or f"e.g. {{key}}={names[0]}",
+        names if isinstance(names, _Choices) else "one of " + " | ".join(names),  # type: ignore[arg-type]
+        fix or f"e.g. {{key}}={names[0]}",  # type: ignore[index]
         "bogus",
     )
 

@@ -125,3 +125,28 @@ def test_a_new_family_registers_and_builds(monkeypatch: pytest.MonkeyPatch) -> N
     assert model.blocks[0].experts.bank_name == "blocks.0.experts"
     out = model(torch.randint(0, 32, (2, 5)))
     assert out.shape == (2, 5, 32) and torch.isfinite(out).all()
+
+
+def test_a_registered_strategy_is_accepted_by_the_config_rule(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`parallel.strategy` is ruled by the strategy registry, looked up when checked: a strategy
+    registered after the rule table was built (as by a newcomer's module) is accepted."""
+    import fssdp.strategies.registry as reg
+    from fssdp.config import RULES, ParallelConfig, strategy_names
+    from fssdp.rules import RuleError, check
+    from fssdp.strategies.base import Parallelized
+
+    assert {"none", "ddp", "fsdp", "ep", "fssdp"} <= set(strategy_names())
+    with pytest.raises(RuleError, match=r"parallel.strategy='toy' is not allowed \(must be one of"):
+        check("parallel", ParallelConfig(strategy="toy"), RULES)
+    monkeypatch.setattr(reg, "_STRATEGIES", dict(reg._STRATEGIES))  # undone after the test
+
+    @reg.register("toy")
+    class _Toy(Parallelized):
+        pass
+
+    assert "toy" in strategy_names() and reg.strategy("toy") is _Toy
+    check("parallel", ParallelConfig(strategy="toy"), RULES)
+    rule = next(r for r in RULES if r.key == "strategy")
+    assert "toy" in f"{rule.allowed}" and "fssdp" in str(rule.allowed)
