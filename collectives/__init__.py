@@ -1,4 +1,4 @@
-"""Sparse collectives for FSSDP: placements, spAG / spRS, token dispatch (DESIGN.md §2)."""
+"""Sparse collectives for FSSDP: placements, spAG / spRS, token dispatch (collectives/README.md)."""
 
 from collectives.algorithms import (
     Algorithm,

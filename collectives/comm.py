@@ -129,6 +129,17 @@ def wait_all(
     guarded(_wait, op, phase, group, timeout_s)
 
 
+def blocking(
+    issue: Callable[[], dist.Work | None],
+    op: str,
+    phase: str | None,
+    group: dist.ProcessGroup | None = None,
+    timeout_s: float | None = None,
+) -> None:
+    """Issue one async collective (`issue()` returns its work) and wait for it, both guarded."""
+    wait_all([guarded(issue, op, phase, group, timeout_s)], op, phase, group, timeout_s)
+
+
 @dataclass(frozen=True)
 class Call:
     """One collective call's context: this rank, the group, and what errors name."""

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from collectives.comm import as_bytes, backend_device, group_rank_world, guarded, wait_all
+from collectives.comm import as_bytes, backend_device, blocking, group_rank_world
 
 Group = dist.ProcessGroup | None
 
@@ -39,14 +39,13 @@ def _exchange(
     # Raw bytes: every dtype on every backend (see [Note: raw bytes on the wire] in comm.py).
     D = math.prod(x_ND.shape[1:])  # explicit: reshape(0, -1) is ambiguous for empty tensors
     src_NB, dst_MB = as_bytes(x_ND.reshape(len(x_ND), D)), as_bytes(out_MD.reshape(len(out_MD), D))
-    work = guarded(
+    blocking(
         lambda: dist.all_to_all_single(dst_MB, src_NB, recv, send, group=group, async_op=True),
         op,
         phase,
         group,
         timeout_s,
     )
-    wait_all([work], op, phase, group, timeout_s)
     return out_MD
 
 
@@ -104,14 +103,13 @@ def exchange_counts(
     dev = device or backend_device(group)
     send_W = torch.tensor(list(send_counts), dtype=torch.int64, device=dev)
     recv_W = torch.empty_like(send_W)
-    work = guarded(
+    blocking(
         lambda: dist.all_to_all_single(recv_W, send_W, group=group, async_op=True),
         "exchange_counts",
         phase,
         group,
         timeout_s,
     )
-    wait_all([work], "exchange_counts", phase, group, timeout_s)
     return recv_W.tolist()
 
 
@@ -130,12 +128,11 @@ def all_gather_counts(
     if world == 1:
         return c_E[None].clone()
     out_WE = torch.empty(world * c_E.numel(), dtype=torch.int64, device=dev)
-    work = guarded(
+    blocking(
         lambda: dist.all_gather_single(out_WE, c_E, group=group, async_op=True),
         "all_gather_counts",
         phase,
         group,
         timeout_s,
     )
-    wait_all([work], "all_gather_counts", phase, group, timeout_s)
     return out_WE.view(world, c_E.numel())

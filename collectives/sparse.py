@@ -1,4 +1,4 @@
-"""SparseAllGather (spAG) and SparseReduceScatter (spRS) over torch.distributed (DESIGN.md §2).
+"""SparseAllGather (spAG) and SparseReduceScatter (spRS) over torch.distributed.
 
 Legend: S elements per expert (an expert's parameters flattened into one vector); on rank r,
 F = len(placement_from.held(r)) input rows, T = len(placement_to.held(r)) output rows,

@@ -5,8 +5,8 @@ Legend: W ranks, E experts, s a source rank (where the rows are routed), h / dst
 rank routes into the bank.
 
 Every rank runs `assign_tokens` on the same all-gathered count matrix [W, E] and gets the same
-`Assignment`, so no negotiation is needed before the all-to-all (DESIGN.md §2 "Token
-dispatch"). Rows per holder: fssdp/quotas.py ([Note: even split, then nearest replica],
+`Assignment`, so no negotiation is needed before the all-to-all (fssdp/dispatch.py).
+Rows per holder: fssdp/quotas.py ([Note: even split, then nearest replica],
 [Note: levelling quotas], [Note: planned rows]); which rows fill them: fssdp/fill.py
 ([Note: filling quotas]).
 """

@@ -1,7 +1,7 @@
 """The one checkpoint layout every strategy reads and writes (a state-dict adapter).
 
 # [Note: checkpoint layout]
-Keys under the trainer's `app` entry (DESIGN.md §6: experts keyed by global (bank, expert)):
+Keys under the trainer's `app` entry (experts keyed by global (bank, expert)):
 
     model.<fqn>                                  dense parameters (torch's get_state_dict names)
     optim.state.<fqn>.<key>                      dense optimizer state; optim.param_groups.*
@@ -15,7 +15,7 @@ Every strategy holds some rows of each stacked bank parameter: all of them (none
 contiguous block (fsdp: FSDP2's Shard(0)), or the owned experts (ep, fssdp). `ExpertRows` says
 which, and the adapter splits them into per-expert views, so DCP reads and writes in place and
 a save at any world size and strategy loads at any other (DCP dedups ddp's replicated rows).
-This is the layout the ExpertStore runtime wrote too (tests/fixtures/ckpt_v1_fssdp_w2).
+The first (v1) runtime wrote this layout too (tests/fixtures/ckpt_v1_fssdp_w2).
 
 Legend: E experts of a bank, R rows of a bank this rank holds.
 """

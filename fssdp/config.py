@@ -24,7 +24,7 @@ class ParallelConfig:
     timeout_s: float = 300.0
     # Ranks per node for the topology (0: LOCAL_WORLD_SIZE from torchrun).
     ranks_per_node: int = 0
-    # -- fssdp (DESIGN.md §2) --
+    # -- fssdp ([Note: one step of a bank] in fssdp/executor.py) --
     # exact: plan with the true counts after routing (measured best, README "Performance");
     # predict: plan ahead from the load estimate; calibrate: predict, then top up with true counts.
     plan_mode: str = "exact"  # exact | predict | calibrate

@@ -1,4 +1,4 @@
-"""Per bank, per iteration: which experts to materialize where (DESIGN.md §2 "Planning").
+"""Per bank, per iteration: which experts to materialize where (fssdp/policy.py asks).
 
 Legend: W ranks, E experts, B banks, t the overlap degree (expert copies one rank can receive
 while the transfer hides behind other work), m the memory cap (extra expert slots per rank,
@@ -127,7 +127,7 @@ def _as_loads(name: str, load: Any, E: int) -> Tensor:
 def plan_placement(
     load_E: Any, ownership: Placement, topology: Topology, t: int, m: int
 ) -> Placement:
-    """Predicted placement P1 ⊇ ownership from estimated loads (DESIGN.md §2 "Planning").
+    """Predicted placement P1 ⊇ ownership from estimated loads.
 
     t <- min(t, E), m <- min(m, t). t <= m: the top-t experts go to every rank. Otherwise the
     free slots are dealt per [Note: proportional slots, nodes first]. Experts with zero

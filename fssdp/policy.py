@@ -1,4 +1,4 @@
-"""Placement policies: how one bank's placement P1 ⊇ P0 is chosen each step (DESIGN.md §2).
+"""Placement policies: how one bank's placement P1 ⊇ P0 is chosen each step.
 
 One policy object per bank; it owns what its mode needs (the load estimator, the agreed timings)
 and is asked at three points of a step:

@@ -1,4 +1,4 @@
-"""Ownership of experts across ranks (P0) for all expert banks jointly (DESIGN.md §2).
+"""Ownership of experts across ranks (P0) for all expert banks jointly.
 
 Legend: W ranks, N nodes of R ranks, b a bank (one MoE layer's experts, named by its module
 path), E_b its experts, S = Σ_b E_b expert slots in all, K a batch of experts placed at once.
@@ -112,8 +112,8 @@ class _Layout:
         self.bank = torch.zeros(banks, W, dtype=I64)
 
     def pick_order(self, b_K: Tensor, avail: Tensor | None = None) -> Tensor:
-        """[K, W]: ranks in pick order for an expert of bank b_K[k] ([Note: ...]); ranks without
-        a free slot (or outside `avail`) last."""
+        """[K, W]: ranks in pick order for an expert of bank b_K[k] ([Note: heterogeneous
+        sharding]); ranks without a free slot (or outside `avail`) last."""
         R, N = self.R, self.N
         W = R * N
         K = b_K.numel()

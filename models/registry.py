@@ -1,6 +1,6 @@
 """The zoo by name: every model module registers its own `ModelSpec` (models/spec.py).
 
-`model=<family>_<size>` in hydra resolves to a preset config from here (DESIGN.md §4). The zoo's
+`model=<family>_<size>` in hydra resolves to a preset config from here. The zoo's
 modules are found, not listed: every top-level module of the `models` package is imported once,
 the first time a spec is needed, and registers its family (models/README.md, "Adding a model").
 """

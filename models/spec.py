@@ -1,7 +1,7 @@
 """The model↔runtime contract: a small typed spec per family, registered by the family's module.
 
 Each model module ends with `register(ModelSpec(...))`; `models.registry` imports the zoo's
-modules once and looks specs up by name (`model=<name>_<size>` in hydra, DESIGN.md §4). This
+modules once and looks specs up by name (`model=<name>_<size>` in hydra). This
 module imports nothing of the zoo, so a family can import it without an import cycle.
 """
 

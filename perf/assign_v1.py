@@ -4,7 +4,7 @@ Legend: W ranks, E experts, s a source rank (where the rows are routed), h a hol
 that holds the expert, owner or replica), L_e the rows of expert e over all sources.
 
 Every rank runs `assign_tokens` on the same all-gathered count matrix [W, E] and gets the same
-plan, so no negotiation is needed before the all-to-all (DESIGN.md §2 "Token dispatch").
+plan, so no negotiation is needed before the all-to-all.
 
 
 Today's pre-vectorisation assignment (fssdp/assign.py at commit f334c87),

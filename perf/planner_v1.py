@@ -1,4 +1,4 @@
-"""Per bank, per iteration: which experts to materialize where (DESIGN.md §2 "Planning").
+"""Per bank, per iteration: which experts to materialize where.
 
 Legend: W ranks, E experts, t the overlap degree (expert copies one rank can receive while the
 transfer hides behind other work), m the memory cap (extra expert slots per rank, i.e. replicas a
@@ -164,7 +164,7 @@ def _deal_slots(
 def plan_placement(
     load_E: Any, ownership: Placement, topology: Topology, t: int, m: int
 ) -> Placement:
-    """Predicted placement P1 ⊇ ownership from estimated loads (DESIGN.md §2 "Planning").
+    """Predicted placement P1 ⊇ ownership from estimated loads.
 
     t <- min(t, E), m <- min(m, t). t <= m: the top-t experts go to every rank. Otherwise the W·m
     slots are dealt per [Note: proportional slots, nodes first]. Experts with zero estimated

@@ -5,7 +5,7 @@ rows each source rank routes to each expert, M_SR a bytes matrix (perf/cost_mode
 
 FSSDP is simulated with the project's own planner and dispatcher (perf/sim_fssdp.py).
 
-[Note: overlap rules] (DESIGN.md §2 and the runtime as built)
+[Note: overlap rules] (the runtime as built: fssdp/executor.py, fssdp/replicas.py)
 - ep / fssdp: the token all-to-alls (out and back, forward and backward) are on the critical
   path. fssdp's spAG of a layer hides behind that layer's attention forward (with `lookahead`
   also behind the previous layer's whole forward: the prefetch issued one layer early, not

@@ -1,12 +1,14 @@
-"""The expert bank: the one seam between models and the runtime (DESIGN.md §3).
+"""The expert bank: the one seam between models and the runtime.
 
 `ExpertBank.forward(x_ND, expert_N) -> y_NO` applies expert `expert_N[i]` to row `x_ND[i]`.
 Weights are stacked on dim 0 so that one expert is one index; the bank never knows where it runs:
 an *executor* attached by `fssdp.parallelize` decides (local, EP, FSSDP). Without one, the bank
 computes locally with its own weights.
 
-Legend: N rows sent to the bank, D input width, H hidden width, O output width, E experts,
-n rows of one expert, W a dict of stacked weights (name -> [E, ...]).
+Legend: N rows sent to the bank, D input width, H hidden width (of an expert's MLP), O output
+width, E experts, n rows of one expert. `w` (lower case, not a dimension) is a dict of weights:
+name -> [E, ...] stacked, or one expert's slice (W is ranks in the legends of fssdp/ and
+collectives/).
 """
 
 from __future__ import annotations

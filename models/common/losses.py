@@ -1,4 +1,4 @@
-"""Auxiliary routing losses from global-batch statistics (DESIGN.md §4).
+"""Auxiliary routing losses from global-batch statistics.
 
 Each function returns the *unweighted* global loss (the same value on every rank) with the
 gradient convention of `models/common/context.py` [Note: gradient convention].
@@ -10,7 +10,7 @@ X rows of one sequence (its positions of every call), N rows of several calls po
 Some losses are means over sequences of a per-sequence statistic (MoEUT's entropy regulariser:
 −H of the selection softmax averaged over one sequence's positions and repeats; DeepSeek's
 sequence-level balance loss). They stay global-batch statistics under sharding because every
-rank holds whole sequences (the global batch is split along the batch dim, DESIGN.md §4): each
+rank holds whole sequences (the global batch is split along the batch dim): each
 per-sequence term is computed from local rows only, each rank sums its terms, and
 `global_mean(local_sum, local_sequences)` divides the global sum by the global number of
 sequences. The value is then the same for any world size, and `global_sum`'s gradient follows

@@ -53,7 +53,7 @@ class TopKRouter(Router):
     """Linear scores → softmax or sigmoid → top-k, optionally renormalised gates.
 
     `route_skew` (Zipf exponent, 0 = off) adds a fixed bias to the logits to force skewed
-    routing for benchmarks and tests (DESIGN.md §4, `model.route_skew`).
+    routing for benchmarks and tests (`model.route_skew`).
     """
 
     def __init__(

@@ -1,6 +1,6 @@
 """Reshardable checkpoints: a save at world N under one strategy loads at world M under another
 with identical weights and optimizer state, and training goes on along the uninterrupted
-trajectory (world-size invariance, DESIGN.md §4).
+trajectory (world-size invariance, models/README.md).
 
 One module fixture runs five sessions (worlds 2, 4, 2, 3 as gloo process groups, then world 1 in
 this process); each session trains or resumes two jobs. A resumed job re-saves right after

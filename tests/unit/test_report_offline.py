@@ -12,7 +12,7 @@ import pytest
 from launch import report
 from launch.report_figures import mean_phase_times
 
-OLD_RECORD = {  # the keys of DESIGN.md §4, before phases and per-expert load were logged
+OLD_RECORD = {  # the keys logged before phases and per-expert load were logged
     "loss": 5.0,
     "aux_loss": 0.01,
     "tokens_per_s": 1000.0,
