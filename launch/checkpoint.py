@@ -2,7 +2,7 @@
 
 Layout: `<run>/checkpoints/step_00000100/` (a DCP directory plus `manifest.json`). The keys
 inside are the same for every strategy and world size ([Note: checkpoint layout] in
-fssdp/strategies/state.py).
+fssdp/checkpoint.py).
 
 # [Note: atomic saves]
 A save goes to `step_….tmp/` first. Once every rank has written, each rank reads back its share

@@ -4,7 +4,7 @@ Follows the Hecate paper (arXiv 2502.02581) for the architecture (expert hidden 
 top-2 GShard-style softmax gating without renormalisation, Switch aux 0.01). The paper has no
 public code; the Switch loss defaults to GShard's per-layer form (one loss per MoE layer,
 summed: `aux_pooling=per_layer`, as GShard, Megatron-LM and DeepSpeed-MoE, the systems the paper
-compares with, do); `aux_pooling=pooled` gives transformers' pooled form (MODELS.md §GPT-MoE).
+compares with, do); `aux_pooling=pooled` gives transformers' pooled form.
 
 Legend: B batch, S sequence, D model width, V vocabulary.
 """

@@ -3,8 +3,8 @@
 G distinct layers are applied ABAB… for R = n_layers / G repeats, so every expert bank is called
 R times per forward. Each layer is SwitchHead attention (V and O projections are per-head experts)
 followed by a σ-MoE feed-forward (sigmoid top-k gates, no renormalisation, ReLU experts). Layer
-norms are "peri": only the inputs of maps that feed a softmax/sigmoid are normalised (MODELS.md
-§MoEUT). Every default follows the authors' code (RobertCsordas/moeut, `moeut/moeut.py`):
+norms are "peri": only the inputs of maps that feed a softmax/sigmoid are normalised.
+Every default follows the authors' code (RobertCsordas/moeut, `moeut/moeut.py`):
 - entropy regulariser (`entropy_pooling=sequence`): per router, the selection softmax of each
   sequence is averaged over its positions and all R calls, −H is taken per sequence (and per
   head for the attention selectors) and averaged over the batch; `entropy_pooling=batch` pools

@@ -5,7 +5,7 @@ steps with stick-breaking halting. A token whose remaining probability mass drop
 frozen: its state stops changing and its rows are no longer sent to the expert banks (SUT's
 compute saving). Halting is per token and causal, so cached decoding (one KV cache per step)
 reproduces the full forward exactly. Every bank is still called once per step even when no rows
-remain, so all ranks make the same calls (MODELS.md §SUT).
+remain, so all ranks make the same calls.
 
 Defaults follow the authors' code (shawntan/SUT: `halting.py` ACTWrapper, `moe.py`):
 - keys/values (`kv_source=soft_halted`): at step n they come from LN of the token's running

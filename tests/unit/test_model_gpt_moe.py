@@ -19,7 +19,7 @@ def _count(name: str) -> tuple[int, int]:
 
 
 def test_published_parameter_counts() -> None:
-    # The paper's counts exclude embeddings (MODELS.md).
+    # The paper's counts exclude embeddings.
     for name, target in (("gpt_moe_s", 1.84e9), ("gpt_moe_l", 7.36e9)):
         _, non_emb = _count(name)
         assert abs(non_emb / target - 1) < 0.03, (name, non_emb)

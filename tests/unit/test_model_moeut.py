@@ -50,7 +50,7 @@ def test_published_param_counts(size: str, target: float) -> None:
     model = build_model(preset(f"moeut_{size}"), device="meta")
     n = sum(p.numel() for p in model.parameters())
     assert abs(n - target) / target < 0.03, f"moeut_{size}: {n / 1e6:.2f}M"
-    if size == "44m":  # MODELS.md: the 44M config works out to about 44.2M
+    if size == "44m":  # the 44M config works out to about 44.2M
         assert abs(n - 44.2e6) / 44.2e6 < 0.01, n
         # V/O experts per head: [H·A, d, dh] and [H·A, dh, d]; σ-MoE experts [E, d, 128]
         assert model.layers[0].attention.v.weight.shape == (32, 412, 82)
