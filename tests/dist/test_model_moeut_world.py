@@ -4,23 +4,20 @@ invariance of the entropy regulariser over all repeats, per sequence by default
 
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
-from torch import Tensor, nn
-
 from models.common.context import BatchReducer
-from tests.support.harness import run_distributed
 from tests.support.simulated_ranks import global_loss as _loss
-from tests.unit.test_model_moeut import rel_err, tiny, tokens
+from tests.support.world_invariance import (
+    Result,
+    all_reduce_reducer,
+    assert_world_invariant,
+    named_grads,
+)
+from tests.unit.test_model_moeut import tiny, tokens
 
 CASES = {"sequence": dict(entropy_pooling="sequence"), "batch": dict(entropy_pooling="batch")}
 
 
-def _grads(model: nn.Module) -> dict[str, Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _run(rank: int, world: int, reducer: BatchReducer) -> dict[str, tuple[Tensor, dict]]:
+def _run(rank: int, world: int, reducer: BatchReducer) -> Result:
     out = {}
     for name, overrides in CASES.items():
         # large coefficients: the regulariser's gradient must matter
@@ -28,23 +25,15 @@ def _run(rank: int, world: int, reducer: BatchReducer) -> dict[str, tuple[Tensor
         x = tokens(4, 9, seed=3).chunk(world)[rank]
         loss = _loss(model, x, reducer)
         loss.backward()
-        out[name] = (loss.detach(), _grads(model))
+        out[name] = (loss.detach(), named_grads(model))
     return out
 
 
-def _ws_worker(rank: int, world: int) -> dict[str, tuple[Tensor, dict]]:
-    return _run(rank, world, BatchReducer(world, lambda t: (dist.all_reduce(t), t)[1]))
+def _ws_worker(rank: int, world: int) -> Result:
+    return _run(rank, world, all_reduce_reducer(world))
 
 
 def test_world_size_invariance() -> None:
     ref = _run(0, 1, BatchReducer())
     assert abs(ref["sequence"][0] - ref["batch"][0]) > 1e-6  # the two forms differ here
-    for world in (1, 2, 4):
-        ranks = run_distributed(_ws_worker, world)
-        for name, (loss, g_ref) in ref.items():
-            for got in ranks:
-                torch.testing.assert_close(got[name][0], loss, rtol=1e-9, atol=0)
-            assert all(got[name][1].keys() == g_ref.keys() for got in ranks)
-            for p, g in g_ref.items():
-                mean = sum(got[name][1][p] for got in ranks) / world
-                assert rel_err(mean, g) <= 1e-9, (name, world, p)
+    assert_world_invariant(_ws_worker, ref)
