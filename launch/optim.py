@@ -15,9 +15,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from fssdp.rules import Rule, above, at_least, between, one_of
+from launch.errors import UserError
 
 # name -> (torch.optim class name, whether torch has a fused kernel for it)
 OPTIMIZERS = {"adamw": ("AdamW", True), "adam": ("Adam", True), "sgd": ("SGD", True),
@@ -92,13 +94,32 @@ def _kwargs(cfg: OptimConfig) -> dict[str, Any]:
 def build_optimizer(
     named_params: list[tuple[str, nn.Parameter]], cfg: OptimConfig
 ) -> torch.optim.Optimizer:
-    """`cfg.name` over `named_params`; group 0 decays, group 1 does not."""
+    """`cfg.name` over `named_params`; group 0 decays, group 1 does not.
+
+    Multi-tensor kernels (`impl=foreach|fused`) cannot take FSDP2's DTensors and plain tensors
+    (the sharded experts' rows under ep/fssdp) in one call, and torch batches per param group:
+    there, each group is split by kind (DTensors first), four groups in all. `impl=single`
+    keeps two, the layout of earlier checkpoints."""
     decay = [p for n, p in named_params if not no_weight_decay(n, p.ndim)]
     no_decay = [p for n, p in named_params if no_weight_decay(n, p.ndim)]
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    kinds = {isinstance(p, DTensor) for _, p in named_params}
+    sharded_2d = any(isinstance(p, DTensor) and p.ndim > 1 for _, p in named_params)
+    if cfg.name == "adafactor" and sharded_2d:
+        raise UserError(
+            "optim.name=adafactor cannot update FSDP2-sharded parameters (torch's Adafactor "
+            "squares a row norm in place on a sharded DTensor, which torch refuses): use "
+            "parallel=ddp or none with adafactor, or optim.name=adamw|adam|sgd"
+        )
+    if cfg.impl != "single" and len(kinds) == 2:
+        groups = [
+            {**g, "params": [p for p in g["params"] if isinstance(p, DTensor) == dt]}
+            for dt in (True, False)
+            for g in groups
+        ]
     cls = getattr(torch.optim, OPTIMIZERS[cfg.name][0])
     return cls(groups, **_kwargs(cfg))
 

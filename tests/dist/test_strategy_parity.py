@@ -2,7 +2,8 @@
 
 Five optimizer steps each: losses, aux losses and every gradient (assembled in full). The cases
 cover the planner modes, rematerialisation, skewed routing, all tokens to one expert, experts
-without tokens, re-sharding in the middle of the run, and a two-node topology.
+without tokens, re-sharding in the middle of the run (with AdamW, foreach SGD with momentum
+and fused AdamW: the optimizer state moves with the rows), and a two-node topology.
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ MODELS = {
     "skewed": ["model.route_skew=0.5"],  # Zipf bias: graded load, hot experts
     "two_hot": ["model.route_skew=3.0"],  # two experts take every token, six get none
     "all_to_one": ["model.top_k=1", "model.route_skew=60.0"],  # every token to expert 0
+    # other torch optimizers reach the sharded experts unchanged (their state moves with the
+    # rows when owners change)
+    "skewed_sgd": ["model.route_skew=0.5", "optim=sgd", "optim.impl=foreach"],
+    "skewed_fused_adamw": ["model.route_skew=0.5", "optim.impl=fused"],
 }
+RESHARD = ["parallel.plan_mode=predict", "parallel.reshard_every=2", "parallel.overlap_degree=2"]
 # case -> (model, strategy overrides)
 CASES: dict[str, tuple[str, list[str]]] = {
     # Cases that assert planning decisions pin the overlap degree (auto mode measures time).
@@ -55,6 +61,9 @@ CASES: dict[str, tuple[str, list[str]]] = {
             "parallel.overlap_degree=2",
         ],
     ),
+    "fssdp_sgd_reshard": ("skewed_sgd", ["parallel=fssdp", *RESHARD]),
+    "fssdp_fused_adamw": ("skewed_fused_adamw", ["parallel=fssdp", *RESHARD]),
+    "fsdp_fused_adamw": ("skewed_fused_adamw", ["parallel=fsdp"]),
     "ep_skewed": ("skewed", ["parallel=ep"]),
     "ep_two_hot": ("two_hot", ["parallel=ep"]),
     "ep_all_to_one": ("all_to_one", ["parallel=ep"]),
@@ -116,3 +125,5 @@ def test_strategies_match_single_process(reference: dict[str, Any], world: int) 
     first = got["fssdp_spread"]["probe"]["owners"]
     moved = got["fssdp_reshard"]["probe"]["owners"]
     assert moved != first, "re-sharding changed no owner"
+    for name in ("fssdp_sgd_reshard", "fssdp_fused_adamw"):
+        assert got[name]["probe"]["owners"] != first, f"{name}: re-sharding changed no owner"
