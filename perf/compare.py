@@ -27,6 +27,7 @@ from typing import Any
 
 from perf.compare_cases import FULL, QUICK, Case, Settings, cases, command
 from perf.compare_stats import ratios, summarize, targets
+from perf.deepspeed_setup import PIN, ensure
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -150,8 +151,15 @@ def parse(argv: list[str]) -> tuple[Settings, argparse.Namespace]:
     ap.add_argument("--skew", type=float, help="model.route_skew of the skewed cases")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
+    ds = ap.add_mutually_exclusive_group()
+    ds.add_argument(
+        "--install-deepspeed", action="store_true", help=f"pip install {PIN} if missing"
+    )
+    ds.add_argument("--no-deepspeed", action="store_true", help="leave the DeepSpeed cases out")
     a = ap.parse_args(argv)
     s = QUICK if a.quick else FULL
+    if a.no_deepspeed:
+        s = replace(s, deepspeed=False)
     for name, val in (("models", a.models), ("worlds", a.worlds)):
         if val:
             s = replace(s, **{name: tuple(val)})
@@ -170,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     s, a = parse(argv)
+    ensure(s.deepspeed, a.install_deepspeed)  # one line and exit 2 when it is missing
     t0 = time.perf_counter()
     raw = run_all(s, a.out, a.timeout)
     report = build_report(s, raw, argv)

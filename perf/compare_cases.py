@@ -32,6 +32,7 @@ class Settings:
     skew: float  # model.route_skew of the skewed cases
     seed: int = 0
     with_predict: bool = True  # also run fssdp_predict
+    deepspeed: bool = True  # also run the DeepSpeed-MoE baseline (perf/deepspeed_setup.py)
     extra: tuple[str, ...] = ()  # more overrides for every run (e.g. model.num_experts=64)
 
     def as_dict(self) -> dict:
@@ -64,6 +65,8 @@ def cases(s: Settings) -> list[Case]:
                     if system in GPT_ONLY and not model.startswith("gpt_moe"):
                         continue
                     if system == "fssdp_predict" and not s.with_predict:
+                        continue
+                    if system == "deepspeed" and not s.deepspeed:
                         continue
                     out.append(Case(model, world, system, routing))
             out.append(Case(model, world, "ep", "balanced"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -107,3 +108,18 @@ def test_balanced_routing_is_exactly_even() -> None:
     for h in range(4):
         assert torch.bincount(r.expert_TK[:, h].flatten(), minlength=8).tolist() == [16] * 8
     assert torch.allclose(r.gate_TK, torch.sigmoid(logits).gather(-1, r.expert_TK))
+
+
+def test_missing_deepspeed_is_one_line_exit_2_or_left_out(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from perf import deepspeed_setup
+
+    monkeypatch.setattr(deepspeed_setup, "available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        deepspeed_setup.ensure(True, install_now=False)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "pip install -e '.[bench]'" in err, err
+    deepspeed_setup.ensure(False, install_now=False)  # its cases left out: nothing to do
+    systems = {c.system for c in cases(replace(QUICK, deepspeed=False))}
+    assert "deepspeed" not in systems and "deepspeed" in {c.system for c in cases(QUICK)}
