@@ -8,9 +8,9 @@ from collectives.algorithms import (
     register,
     unregister,
 )
-from collectives.calibrate import calibrate_cost_model
 from collectives.comm import CollectiveError, CommStats
 from collectives.dispatch import all_gather_counts, all_to_all_rows, exchange_counts
+from collectives.link_probe import probe_cost_model
 from collectives.placement import Placement, Topology
 from collectives.schedule import DEFAULT_COST, CostModel, Schedule
 from collectives.sparse import SparseHandle, sparse_all_gather, sparse_reduce_scatter
@@ -28,7 +28,7 @@ __all__ = [
     "all_gather_counts",
     "algorithm_costs",
     "all_to_all_rows",
-    "calibrate_cost_model",
+    "probe_cost_model",
     "choose",
     "choose_algorithm",
     "exchange_counts",

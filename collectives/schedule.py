@@ -39,7 +39,7 @@ class CostModel:
     (alpha / beta), so only the ratio to bandwidth matters.
 
     # [Note: calibrated defaults]
-    `calibrate_cost_model(group)` measures both on the group at hand: one tiny message rank 0 ->
+    `probe_cost_model(group)` measures both on the group at hand: one tiny message rank 0 ->
     rank 1 by all_to_all_single and by a point-to-point round, and the bandwidth of a 4 MiB one.
     The defaults are its readings on gloo over loopback, one thread per rank, rounded down (W=2:
     1.04 MB per a2a peer, 0.83 MB per round; W=4: 1.57 MB, 1.15 MB; perf/results/

@@ -101,7 +101,7 @@ def _lex_order(keys: list[Tensor]) -> Tensor:
     return perm
 
 
-class _Layout:
+class _SlotTable:
     """Free slots and placed load per rank (and per bank) while experts are being placed."""
 
     def __init__(self, banks: int, total: int, topology: Topology) -> None:
@@ -136,28 +136,28 @@ class _Layout:
         self.bank.view(-1).index_add_(0, b_K * self.bank.shape[1] + ranks, load_K)
 
 
-def _place(layout: _Layout, b_Q: Tensor, e_Q: Tensor, w_Q: Tensor, owner: Tensor) -> None:
+def _place(slots: _SlotTable, b_Q: Tensor, e_Q: Tensor, w_Q: Tensor, owner: Tensor) -> None:
     """LPT in rounds over the queue (heaviest first) of experts (b_Q, e_Q) with loads w_Q,
     writing owner[b, e] ([Note: heterogeneous sharding])."""
     while b_Q.numel():  # each round places at least one expert: about S / W rounds in all
-        K = min(b_Q.numel(), int((layout.free > 0).sum()))
+        K = min(b_Q.numel(), int((slots.free > 0).sum()))
         b_K, e_K, w_K = b_Q[:K], e_Q[:K], w_Q[:K]
         if bool((b_K == b_K[0]).all()):  # one bank: the best picks, heaviest first
             # ranks the next expert would reach before any other: load <= least + its load
-            bank, ok = layout.bank[b_K[0]], layout.free > 0
+            bank, ok = slots.bank[b_K[0]], slots.free > 0
             least = torch.where(ok, bank, BIG).min()
             part = ok & (bank <= least + w_K[0])
             K = min(K, int(part.sum()))
             b_K, e_K, w_K = b_K[:K], e_K[:K], w_K[:K]
-            ranks = layout.pick_order(b_K[:1], part)[0, :K]
+            ranks = slots.pick_order(b_K[:1], part)[0, :K]
             won = torch.ones(K, dtype=torch.bool)
         else:  # mixed banks: each its first pick, a clash goes to the earlier expert
-            first = layout.pick_order(b_K)[:, 0]
-            win = torch.full((layout.free.numel(),), K, dtype=I64)
+            first = slots.pick_order(b_K)[:, 0]
+            win = torch.full((slots.free.numel(),), K, dtype=I64)
             win.scatter_reduce_(0, first, torch.arange(K), reduce="amin")
             won = win.index_select(0, first) == torch.arange(K)
             ranks = first
-        layout.take(b_K[won], w_K[won], ranks[won])
+        slots.take(b_K[won], w_K[won], ranks[won])
         owner.view(-1).index_put_((b_K[won] * owner.shape[1] + e_K[won],), ranks[won])
         keep = torch.cat([~won, torch.ones(b_Q.numel() - K, dtype=torch.bool)])
         b_Q, e_Q, w_Q = b_Q[keep], e_Q[keep], w_Q[keep]
@@ -186,7 +186,7 @@ def heterogeneous_sharding(
     pad = [torch.nn.functional.pad(v, (0, E_max - v.numel()), value=-1) for v in vals]
     w_BE = torch.stack(pad) if vals else torch.zeros(0, 0, dtype=I64)
     owner = torch.full_like(w_BE, -1)
-    layout = _Layout(len(names), sum(v.numel() for v in vals), topology)
+    slots = _SlotTable(len(names), sum(v.numel() for v in vals), topology)
     order = torch.argsort(-w_BE, dim=1, stable=True)  # heaviest first, ties: id
     t_B = torch.tensor([min(int(set_aside.get(b, 0)), v.numel()) for b, v in zip(names, vals)],
                        dtype=I64)
@@ -198,12 +198,12 @@ def heterogeneous_sharding(
     for i in sorted(range(len(names)), key=lambda i: (-int(heavy[i]), i)):
         if bool(rest[i].any()):  # banks one after another, heaviest remaining expert first
             e = order[i][rest[i]]
-            _place(layout, torch.full_like(e, i), e, w_BE[i, e], owner)
+            _place(slots, torch.full_like(e, i), e, w_BE[i, e], owner)
     b_L, k_L = torch.nonzero(aside, as_tuple=True)
     e_L = order[b_L, k_L]
     w_L = w_BE[b_L, e_L]
     late = _lex_order([(-w_L)[None], b_L[None], e_L[None]])[0]  # heaviest, then bank, expert
-    _place(layout, b_L[late], e_L[late], w_L[late], owner)
+    _place(slots, b_L[late], e_L[late], w_L[late], owner)
     return {b: owner[i, : vals[i].numel()].tolist() for i, b in enumerate(names)}
 
 

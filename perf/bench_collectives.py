@@ -40,8 +40,8 @@ from collectives import (
     CostModel,
     Placement,
     algorithm_costs,
-    calibrate_cost_model,
     choose_algorithm,
+    probe_cost_model,
     sparse_all_gather,
     sparse_reduce_scatter,
 )
@@ -177,7 +177,7 @@ def worker(rank: int, W: int, quick: bool) -> dict | None:
     p0 = Placement.from_owners([e * W // E for e in range(E)], W)  # contiguous, like all-gather
     rng = random.Random(0)
     nonowner = [(e, r) for e in range(E) for r in range(W) if r != p0.owner[e]]
-    model, raw = calibrate_cost_model(reps=60)
+    model, raw = probe_cost_model(reps=60)
     res: dict[str, Any] = {"calibration": {"W": W, **raw, **vars(model)}}
     res["sweep"] = []
     for lam in LAMBDAS:
@@ -263,7 +263,7 @@ def _features(p: dict) -> tuple[float, float, float, float]:
 def score_rule(res: dict) -> dict[str, Any]:
     """For each way of choosing: how often it picks the measured faster algorithm (or one
     within 10% of it) and the time it loses against always picking the faster one. Choosers:
-    the rule with the default constants, with the constants calibrate_cost_model measured in
+    the rule with the default constants, with the constants probe_cost_model measured in
     this run, with the constants that fit this run best (grid search: in-sample, optimistic),
     and the two fixed algorithms."""
     cases = []

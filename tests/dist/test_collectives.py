@@ -21,7 +21,7 @@ from collectives import (
     Placement,
     SparseHandle,
     Topology,
-    calibrate_cost_model,
+    probe_cost_model,
     sparse_all_gather,
     sparse_reduce_scatter,
 )
@@ -223,7 +223,7 @@ def worker_sparse(rank: int, W: int) -> int:
         check_gather(rank, W, name, pf, pt, seed)
         check_reduce(rank, W, name, pf, pt, seed)
         n += 1
-    model, raw = calibrate_cost_model(reps=2, big_bytes=1 << 16)
+    model, raw = probe_cost_model(reps=2, big_bytes=1 << 16)
     models: list[object] = [None] * W
     dist.all_gather_object(models, model)
     assert all(m == model for m in models), "ranks must agree on the cost model"

@@ -39,7 +39,7 @@ def _medians(
     return {k: statistics.median(row) for k, row in zip(dts, t.cpu().tolist())}
 
 
-def calibrate_cost_model(
+def probe_cost_model(
     group: Group = None,
     *,
     reps: int = 20,
