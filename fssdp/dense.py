@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -34,3 +34,10 @@ def local_slices(t: DTensor) -> tuple[slice, ...]:
             raise ValueError(f"tensor with placement {pl}: expected Shard(0) or Replicate")
     shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     return tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
+def set_dense_sync(model: nn.Module, sync: bool) -> None:
+    """FSDP2's gradient sync on or off for every unit of `model` (no-op when not FSDP2)
+    ([Note: sync per step] in fssdp/strategies/base.py)."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync, recurse=True)

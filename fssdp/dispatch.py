@@ -79,9 +79,16 @@ class Exchange:
 
 
 def exchange_compute(
-    ex: Exchange, x_ND: Tensor, expert_N: Tensor, route: Route, compute: Compute
+    ex: Exchange,
+    x_ND: Tensor,
+    expert_N: Tensor,
+    route: Route,
+    compute: Compute,
+    recompute: bool = False,
 ) -> Tensor:
-    """y_NO for the rows x_ND of experts expert_N, computed where `route` says."""
+    """y_NO for the rows x_ND of experts expert_N, computed where `route` says. `recompute`:
+    activation checkpointing's second forward (its exchanges are counted once more, its
+    backward is the first forward's)."""
     ph = ex.phases
     tok = ph.begin("dispatch")
     send_idx_N, send_counts = route.send_order(expert_N, ex.rank)
@@ -116,17 +123,23 @@ def exchange_compute(
     )
     ph.end(tok)
     time_backward_chain(ph, [y_back_NO, y_MO, x_MD, x_sent_ND], ["combine", "expert", "dispatch"])
-    _count_bytes(ex, x_ND, y_MO, send_counts, recv_counts)
+    _count_bytes(ex, x_ND, y_MO, send_counts, recv_counts, recompute)
     inverse_N = torch.empty_like(send_idx_N)
     inverse_N[send_idx_N] = torch.arange(send_idx_N.numel(), device=send_idx_N.device)
     return y_back_NO.index_select(0, inverse_N)
 
 
 def _count_bytes(
-    ex: Exchange, x_ND: Tensor, y_MO: Tensor, send_counts: list[int], recv_counts: list[int]
+    ex: Exchange,
+    x_ND: Tensor,
+    y_MO: Tensor,
+    send_counts: list[int],
+    recv_counts: list[int],
+    recompute: bool,
 ) -> None:
     sent_rows = sum(send_counts) - send_counts[ex.rank]
     back_rows = sum(recv_counts) - recv_counts[ex.rank]
-    passes = 2 if torch.is_grad_enabled() else 1  # backward repeats both exchanges
+    # backward repeats both exchanges (a recomputation's backward is the first forward's)
+    passes = 2 if torch.is_grad_enabled() and not recompute else 1
     row = x_ND.element_size()
     ex.stats.bytes["a2a"] += passes * row * (sent_rows * x_ND.shape[1] + back_rows * y_MO.shape[1])

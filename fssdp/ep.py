@@ -7,7 +7,8 @@ Each rank's bank parameters hold its owned experts' rows ([Note: expert paramete
 fssdp/expert_params.py). A call all-gathers the [W, E] count matrix, sends each row to its
 expert's owner by one all-to-all, computes with the owned parameters themselves (autograd
 accumulates their gradients directly: no copies, no sparse collectives), and brings the results
-back. `finish()` turns the summed gradients into the mean over ranks.
+back. `finish()` turns the summed gradients into the mean over ranks. Recomputed by activation
+checkpointing, a call replays its counts ([Note: recomputation reuse] in fssdp/recompute.py).
 """
 
 from __future__ import annotations
@@ -16,9 +17,21 @@ import torch
 from torch import Tensor
 
 from collectives.dispatch import all_gather_counts
+from fssdp import precision
 from fssdp.dispatch import Exchange, exchange_compute
+from fssdp.precision import rows
+from fssdp.recompute import recompute_counts, replaying
 from fssdp.route import StaticRoute
 from models.common.experts import ExpertBank
+
+
+def gather_counts(ex: Exchange, bank: ExpertBank, expert_N: Tensor) -> Tensor:
+    """[W, E] rows per rank per expert of this call (all-gathered on the dispatch group)."""
+    counts_E = torch.bincount(expert_N, minlength=bank.num_experts)
+    with ex.phases.phase("dispatch"):
+        return all_gather_counts(
+            counts_E, ex.group, phase=f"counts {ex.name}", timeout_s=ex.timeout_s
+        ).cpu()
 
 
 def local_index(expert_ids: tuple[int, ...], num_experts: int, device: torch.device) -> Tensor:
@@ -32,8 +45,16 @@ def local_index(expert_ids: tuple[int, ...], num_experts: int, device: torch.dev
 class EPExecutor:
     """`bank.executor` under `parallel=ep`."""
 
-    def __init__(self, bank: ExpertBank, owner_E: Tensor, ex: Exchange) -> None:
+    def __init__(
+        self,
+        bank: ExpertBank,
+        owner_E: Tensor,
+        ex: Exchange,
+        compute_dtype: torch.dtype | None = None,
+    ) -> None:
         self.bank = bank
+        # bf16 casts of the owned rows ([Note: mixed precision of experts] fssdp/precision.py)
+        self.compute_dtype = compute_dtype
         self.owner_E = owner_E
         self.ex = ex
         # Global expert id -> row of the bank's (owned) parameters; fixed under EP.
@@ -44,19 +65,16 @@ class EPExecutor:
 
     def __call__(self, bank: ExpertBank, x_ND: Tensor, expert_N: Tensor) -> Tensor:
         ex = self.ex
-        counts_E = torch.bincount(expert_N, minlength=bank.num_experts)
-        with ex.phases.phase("dispatch"):
-            counts_WE = all_gather_counts(
-                counts_E, ex.group, phase=f"counts {ex.name}", timeout_s=ex.timeout_s
-            ).cpu()
+        counts_WE = recompute_counts(lambda: gather_counts(ex, bank, expert_N))
         self.used |= torch.is_grad_enabled() and bool(counts_WE.sum() > 0)
         route = StaticRoute(counts_WE, self.owner_E)
 
         def compute(x_MD: Tensor, expert_M: Tensor) -> Tensor:
             local_M = self.lut_E.to(expert_M.device)[expert_M]
-            return bank.compute(bank.stacked(), x_MD, local_M)
+            cdt = self.compute_dtype
+            return bank.compute(precision.weights(bank.stacked(), cdt), rows(x_MD, cdt), local_M)
 
-        return exchange_compute(ex, x_ND, expert_N, route, compute)
+        return exchange_compute(ex, x_ND, expert_N, route, compute, recompute=replaying())
 
     def finish(self, world: int) -> None:
         """After backward: the owners' summed gradients become the mean over ranks."""

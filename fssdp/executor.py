@@ -41,12 +41,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from collectives.dispatch import all_gather_counts
 from collectives.placement import Placement
 from fssdp.assign import assign_tokens
 from fssdp.dispatch import CallStats, Exchange, Tie, exchange_compute
-from fssdp.ep import local_index
+from fssdp.ep import gather_counts, local_index
 from fssdp.policy import PlacementPolicy
+from fssdp.precision import rows, weights
+from fssdp.recompute import recompute_counts, replaying
 from fssdp.replicas import Replicas, ReplicaState
 from fssdp.route import StaticRoute
 from models.common.experts import ExpertBank
@@ -75,13 +76,21 @@ class FSSDPExecutor:
         replicas: Replicas,
         ex: Exchange,
         rematerialize: bool,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         self.bank, self.policy, self.replicas, self.ex = bank, policy, replicas, ex
         self.rematerialize = rematerialize
+        # bf16: owners compute with casts of their rows, replicas arrive in bf16
+        # ([Note: mixed precision of experts] in fssdp/precision.py)
+        self.compute_dtype = compute_dtype
         self._reset()
 
     def _reset(self) -> None:
         self.counts_E: Tensor | None = None
+        # [W, E] rows per rank per expert of the whole step, summed over the calls of the
+        # statistics pre-pass (gradient accumulation): the plan of the step's placement.
+        self.step_counts_WE: Tensor | None = None
+        self.prepass = False
         self.used = False  # rows went through the bank in training this step (anywhere)
         self.prefetch_t: float | None = None
         self.overlap_s = 0.0
@@ -103,6 +112,8 @@ class FSSDPExecutor:
     def _materialize(self, counts_WE: Tensor, device: torch.device) -> Tensor:
         """The [R, S] replicas of this step, planning and gathering them if needed."""
         rep, ph = self.replicas, self.ex.phases
+        if self.step_counts_WE is not None:  # accumulation: plan the step, not the call
+            counts_WE = self.step_counts_WE
         if rep.state is ReplicaState.IDLE:  # exact mode, or no layer pre-hook ran
             with ph.phase("plan"):
                 planned = self.policy.after_routing(counts_WE, None)
@@ -127,11 +138,13 @@ class FSSDPExecutor:
     # -- the call -----------------------------------------------------------------------------
     def __call__(self, bank: ExpertBank, x_ND: Tensor, expert_N: Tensor) -> Tensor:
         ex = self.ex
-        counts_E = torch.bincount(expert_N, minlength=bank.num_experts)
-        with ex.phases.phase("dispatch"):
-            counts_WE = all_gather_counts(
-                counts_E, ex.group, phase=f"counts {ex.name}", timeout_s=ex.timeout_s
-            ).cpu()
+        counts_WE = recompute_counts(lambda: gather_counts(ex, bank, expert_N))
+        if replaying():
+            return self._recompute(bank, x_ND, expert_N, counts_WE)
+        if self.prepass:  # the step's statistics pre-pass: its counts plan the step
+            prev = self.step_counts_WE
+            self.step_counts_WE = counts_WE if prev is None else prev + counts_WE
+            return self._call_static(bank, x_ND, expert_N, counts_WE)
         total_E = counts_WE.sum(0)
         self.counts_E = total_E if self.counts_E is None else self.counts_E + total_E
         if not torch.is_grad_enabled():  # evaluation: owners compute, nothing is kept
@@ -149,6 +162,20 @@ class FSSDPExecutor:
             y_ND.register_hook(self._before_backward)
         return y_ND
 
+    def _recompute(
+        self, bank: ExpertBank, x_ND: Tensor, expert_N: Tensor, counts_WE: Tensor
+    ) -> Tensor:
+        """Activation checkpointing's second forward of a call ([Note: recomputation reuse] in
+        fssdp/recompute.py): the step's placement and replicas (refilled once if
+        rematerialisation freed them), the first forward's counts; nothing counted again."""
+        rows_RS = self.replicas.wait(x_ND.device, training=True)
+        placement = self.replicas.placement
+        assert placement is not None
+        with self.ex.phases.phase("dispatch"):
+            route = assign_tokens(counts_WE, placement, self.policy.topology)
+        compute = self._compute_fn(bank, placement, rows_RS)
+        return exchange_compute(self.ex, x_ND, expert_N, route, compute, recompute=True)
+
     def _call_static(
         self, bank: ExpertBank, x_ND: Tensor, expert_N: Tensor, counts_WE: Tensor
     ) -> Tensor:
@@ -157,7 +184,8 @@ class FSSDPExecutor:
         lut_E = local_index(bank.expert_ids or (), bank.num_experts, x_ND.device)
 
         def compute(x_MD: Tensor, expert_M: Tensor) -> Tensor:
-            return bank.compute(bank.stacked(), x_MD, lut_E[expert_M])
+            cdt = self.compute_dtype
+            return bank.compute(weights(bank.stacked(), cdt), rows(x_MD, cdt), lut_E[expert_M])
 
         return exchange_compute(self.ex, x_ND, expert_N, StaticRoute(counts_WE, owner_E), compute)
 
@@ -170,12 +198,14 @@ class FSSDPExecutor:
         key_E = torch.where(lut_E >= 0, lut_E, O + rep_E)  # owned first, then replicas
 
         def compute(x_MD: Tensor, expert_M: Tensor) -> Tensor:
+            x_MD = rows(x_MD, self.compute_dtype)
             key_M = key_E[expert_M]
             order_M = torch.argsort(key_M, stable=True)
             key_sorted = key_M.index_select(0, order_M)
             n_own = int((key_sorted < O).sum())
             x_sorted = x_MD.index_select(0, order_M)
-            parts = [bank.compute(bank.stacked(), x_sorted[:n_own], key_sorted[:n_own])]
+            own_w = weights(bank.stacked(), self.compute_dtype)
+            parts = [bank.compute(own_w, x_sorted[:n_own], key_sorted[:n_own])]
             if key_sorted.numel() > n_own:
                 rep_w = self.replicas.layout.views(rows_RS)
                 parts.append(bank.compute(rep_w, x_sorted[n_own:], key_sorted[n_own:] - O))

@@ -7,6 +7,9 @@ expert, W ranks.
 [Note: replica states]
     IDLE --gather--> GATHERING --wait--> HELD --free--> FREED --refill--> HELD
     HELD --(the replicas' last backward use)--> REDUCING --finish--> REDUCED --reset--> IDLE
+Under gradient accumulation the replicas stay HELD across the step's micro-batches (one
+placement per step, their `.grad` accumulating): the hook starts the reduce only in the last
+micro-batch's backward ([Note: sync per step] in fssdp/strategies/base.py).
 A step whose placement has no replica anywhere skips every transfer (`transfers` is False on
 every rank alike: placements are identical across ranks). The replicas are one leaf tensor
 `[R, S]` per step; every call's backward accumulates into its `.grad`, and autograd runs the
@@ -52,14 +55,22 @@ class Replicas:
         algorithm: str,
         timeout_s: float,
         name: str,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         self.layout, self.topology, self.rank, self.group = layout, topology, rank, group
+        # Replicas travel and compute in this dtype (bf16: half the spAG bytes); their
+        # gradients are cast up to the parameters' dtype before the spRS ([Note: mixed
+        # precision of experts] in fssdp/precision.py).
+        self.dtype = compute_dtype or layout.dtype
         self.algorithm, self.timeout_s, self.name = algorithm, timeout_s, name
         # The bank's owned rows (its parameters), packed into spAG sources.
         self.owned = owned
         self.phases: PhaseTimer = NULL_TIMER  # the trainer's timer (timing points only)
         self.bytes = {"spag": 0, "sprs": 0}  # sent this step, by collective
         self.spag_bytes_recv = 0  # received this step (bandwidth estimates)
+        # False in the backward of a micro-batch that is not the step's last: the replicas'
+        # gradients accumulate in the leaf's .grad, no spRS ([Note: sync per step]).
+        self.sync = True
         self._reset()
 
     def _reset(self) -> None:
@@ -93,8 +104,12 @@ class Replicas:
         if not self.transfers:
             return
         with torch.no_grad():
-            owned_OS = self.layout.pack(self.owned())
+            owned_OS = self._owned_rows()
         self._pending = self._spag(owned_OS, ownership, placement, "spag")
+
+    def _owned_rows(self) -> Tensor:
+        """[O, S] packed copies of the owned rows, in the transfer dtype."""
+        return self.layout.pack({k: v.detach().to(self.dtype) for k, v in self.owned().items()})
 
     def _spag(self, rows: Tensor, src: Placement, dst: Placement, what: str) -> SparseHandle:
         handle = sparse_all_gather(
@@ -125,7 +140,7 @@ class Replicas:
         self._assert_in(ReplicaState.GATHERING)
         assert self.placement is not None
         if self._pending is None:
-            rows_RS = torch.empty(0, self.layout.numel, dtype=self.layout.dtype, device=device)
+            rows_RS = torch.empty(0, self.layout.numel, dtype=self.dtype, device=device)
         else:
             held_TS = self._pending.wait()
             self._pending = None
@@ -168,7 +183,7 @@ class Replicas:
         assert self.ownership is not None
         with self.phases.phase("spag"), torch.no_grad():
             handle = self._spag(
-                self.layout.pack(self.owned()), self.ownership, self.placement,
+                self._owned_rows(), self.ownership, self.placement,
                 "spag-rematerialize",
             )
             fresh = handle.wait().index_select(0, self._replica_rows(self.leaf.device))
@@ -181,13 +196,17 @@ class Replicas:
     def _start_reduce(self, leaf: Tensor) -> None:
         """After the bank's last backward use: fold the replicas' gradients into the owners."""
         self._assert_in(ReplicaState.HELD)
+        if not self.sync:  # a micro-batch before the step's last: keep accumulating
+            return
         self.state = ReplicaState.REDUCING
         if not self.transfers:
             return
         assert leaf.grad is not None and self.placement is not None and self.ownership is not None
         with self.phases.phase("sprs"):
-            held_TS = leaf.grad.new_zeros(len(self.placement.held(self.rank)), self.layout.numel)
-            held_TS.index_copy_(0, self._replica_rows(leaf.device), leaf.grad)
+            held_TS = leaf.grad.new_zeros(
+                len(self.placement.held(self.rank)), self.layout.numel, dtype=self.layout.dtype
+            )  # fp32 under bf16: the gradients are cast up before they are summed
+            held_TS.index_copy_(0, self._replica_rows(leaf.device), leaf.grad.to(held_TS.dtype))
             self._reduce = sparse_reduce_scatter(
                 held_TS,
                 self.placement,

@@ -15,9 +15,12 @@ from launch.validation import validate
 def build_trainer(cfg: Any, info: Any, run_dir: Path, on_grads: Any = None) -> Any:
     """Everything a run needs, from a resolved config object; shared by `run` and the tests."""
     from fssdp.api import parallelize
+    from fssdp.compiled import compile_dense
+    from fssdp.precision import mixed_precision
+    from fssdp.recompute import apply_checkpointing
     from launch.data import DataError, GlobalBatchSampler, build_streams, val_batches
     from launch.optim import build_optimizer
-    from launch.trainer import Trainer, param_dtype
+    from launch.trainer import DTYPES, Trainer, param_dtype
     from models.registry import build_model, spec_for
 
     t = cfg.train
@@ -49,9 +52,15 @@ def build_trainer(cfg: Any, info: Any, run_dir: Path, on_grads: Any = None) -> A
         raise UserError(f"model config: {e}") from e
     try:
         units = spec_for(cfg.model).fsdp_units(model)
-        par = parallelize(model, cfg.parallel, units=units, ranks_per_node=info.ranks_per_node)
+        with mixed_precision(DTYPES[t.dtype] if t.dtype == "bfloat16" else None):
+            par = parallelize(
+                model, cfg.parallel, units=units, ranks_per_node=info.ranks_per_node
+            )
     except ValueError as e:
         raise UserError(str(e)) from e
+    apply_checkpointing(model, units, t.activation_checkpointing)
+    if t.compile:  # the dense submodules; the checkpointed units' forwards call them
+        compile_dense(model)
     par.materialize(info.device, seed=cfg.seed)
     opt = build_optimizer(par.named_optimizer_params(), cfg.optim)
     par.attach(opt)

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -31,10 +30,14 @@ from launch.errors import UserError
 from launch.gather import all_gather_rows
 from launch.metrics import MetricsLogger, expert_load_imbalance, peak_rss_bytes
 from launch.optim import OptimConfig, build_scheduler, restore_scheduler, scheduler_state
+from launch.preempt import Preemption, stop_run
 from launch.profile import StepProfiler, TraceRecorder, gather_phases
-from models.common.context import BatchReducer, MoEContext, global_sum
+from launch.step import StepRunner, lm_loss, split_micro_batches
+from models.common.context import MoEContext
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+BATCH_STATS = ("global", "micro_batch")
+CHECKPOINTING = ("none", "full", "selective")
 
 
 @dataclass
@@ -58,6 +61,16 @@ class TrainConfig:
     phase_timing: bool = True  # per-rank phase times and spans of every logged step
     profile_steps: list[int] = field(default_factory=list)  # [a, b]: torch.profiler, steps a..b
     routing_trace: bool = False  # rank 0 writes <run>/routing_trace.jsonl (tokens per expert)
+    # -- pretraining switches (launch/step.py, fssdp/recompute.py, launch/preempt.py) --
+    # Sequences per rank per micro-batch (gradient accumulation; 0: the whole per-rank batch).
+    micro_batch_size: int = 0
+    # Statistics of the losses under accumulation: global (exact full-batch losses, one no-grad
+    # pre-pass per step) | micro_batch (per micro-batch, no pre-pass; Megatron-LM's default).
+    batch_stats: str = "global"
+    # Recompute activations in backward, per FSDP unit: none | full | selective (the expert
+    # banks' activations are kept: no second token all-to-all).
+    activation_checkpointing: str = "none"
+    compile: bool = False  # torch.compile the dense submodules (those without an expert bank)
 
     def __post_init__(self) -> None:  # also checked here: to_object callers get it too
         try:
@@ -69,6 +82,10 @@ class TrainConfig:
 def _profile_ok(p: Any, cfg: TrainConfig) -> bool:
     p = list(p)
     return not p or (len(p) == 2 and 1 <= p[0] <= p[1] <= cfg.steps)
+
+
+def _micro_ok(v: Any, cfg: TrainConfig) -> bool:
+    return isinstance(v, int) and v >= 0 and (v == 0 or cfg.global_batch_size % v == 0)
 
 
 # Checked by launch/validation.py before any rank starts; each rule's `bad` value is tested.
@@ -96,6 +113,15 @@ TRAIN_RULES = (
         "e.g. {key}=[3,5]",
         [0, 1],
     ),
+    Rule(
+        "micro_batch_size",
+        _micro_ok,
+        "≥ 0 and a divisor of train.global_batch_size, 0 = no accumulation",
+        "e.g. {key}=4 (sequences per rank per micro-batch)",
+        -1,
+    ),
+    one_of("batch_stats", BATCH_STATS, "e.g. {key}=global"),
+    one_of("activation_checkpointing", CHECKPOINTING, "e.g. {key}=selective"),
 )
 
 
@@ -118,18 +144,11 @@ class ModelOptimState(Stateful):
         self.par.checkpoint.load_state_dict(sd, self.opt)
 
 
-def lm_loss(logits_BSV: Tensor, targets_BS: Tensor, reducer: BatchReducer) -> Tensor:
-    """Global mean cross-entropy over every token of the global batch (see context.py note)."""
-    ce_sum = F.cross_entropy(
-        logits_BSV.flatten(0, 1).to(_loss_dtype(logits_BSV)), targets_BS.flatten(), reduction="sum"
-    )
-    n_local = torch.tensor(float(targets_BS.numel()), dtype=torch.float64, device=ce_sum.device)
-    n_global = reducer.all_sum(n_local)
-    return global_sum(ce_sum, reducer) / n_global.to(ce_sum.dtype)
-
-
-def _loss_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def peak_cuda_bytes(device: torch.device) -> int | None:
+    """This rank's peak CUDA memory allocated by tensors; None off CUDA."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.max_memory_allocated(device))
 
 
 class Trainer:
@@ -159,6 +178,9 @@ class Trainer:
         self.scheduler = build_scheduler(opt, train_cfg.steps, optim_cfg)  # warm-up + cosine
         self._owners: Any = None  # the expert owners last logged (ep, fssdp)
         self._init_profiling()
+        self.runner = StepRunner(
+            par, self.reducer, lm_loss, self._autocast, self.phases, train_cfg.batch_stats
+        )
 
     def _init_profiling(self) -> None:
         """Phase timer (fssdp/phases.py), torch.profiler window, routing trace (launch/profile)."""
@@ -268,7 +290,9 @@ class Trainer:
 
     # -- steps -------------------------------------------------------------------------------
     def _autocast(self):  # noqa: ANN202
-        if self.cfg.dtype == "bfloat16":
+        """bf16 autocast where the strategy does not cast itself (ddp, none; fsdp, ep and
+        fssdp run FSDP2's and the experts' mixed precision: fssdp/precision.py)."""
+        if self.cfg.dtype == "bfloat16" and not self.par.mixed_precision:
             return torch.autocast(self.info.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
@@ -283,20 +307,9 @@ class Trainer:
         t0 = time.perf_counter()
         with ph.phase("data"):
             inputs_BS, targets_BS = (t.to(self.info.device) for t in self.sampler.next())
-        ctx = MoEContext(reducer=self.reducer)
         self.par.module.train()
-        with ph.phase("forward"), self._autocast():
-            logits_BSV = self.par.module(inputs_BS, ctx)
-            ce = lm_loss(logits_BSV, targets_BS, self.reducer)
-            aux = ctx.aux_total()
-            loss = ce if aux is None else ce + aux
-        if not torch.isfinite(loss.detach()):
-            raise UserError(
-                f"loss is {loss.item()} at step {self.step + 1}: training stopped and no "
-                f"checkpoint was written from this state; {self._recovery_hint()}"
-            )
-        with ph.phase("backward"):
-            loss.backward()
+        chunks = split_micro_batches(inputs_BS, targets_BS, self.cfg.micro_batch_size)
+        fb = self.runner.run(chunks, self.step + 1, self._recovery_hint())
         self.par.finish_backward()
         if self.on_grads is not None:
             self.on_grads(self.par, self.step + 1)
@@ -320,16 +333,18 @@ class Trainer:
         phases = ph.end_step()
         self.profiler.after_step(self.step)
         if self.trace is not None:
-            self.trace.record(self.step, ctx.expert_load)
+            self.trace.record(self.step, fb.load)
         return {
             "phases": phases,
-            "loss": ce.item(),
-            "aux_loss": 0.0 if aux is None else float(aux.item()),
+            "loss": fb.ce,
+            "aux_loss": 0.0 if fb.aux is None else fb.aux,
             "grad_norm": float(gnorm),
             "lr": lr,
             "step_time": step_time,
-            "load": ctx.expert_load,
+            "load": fb.load,
             "tokens": self.cfg.global_batch_size * self.cfg.seq_len,
+            "micro_batches": fb.micro_batches,
+            "prepass_s": fb.prepass_s,
         }
 
     def _wait_for_ranks(self) -> None:
@@ -354,7 +369,11 @@ class Trainer:
         local = self.par.local_metrics()
         kinds = sorted(local.comm_bytes)
         mine = [out["step_time"], local.expert_time_s, local.state_bytes, peak_rss_bytes()]
-        rows = all_gather_rows(mine + [local.comm_bytes[k] for k in kinds], self.info.device)
+        cuda = peak_cuda_bytes(self.info.device)
+        extra = [out.get("prepass_s", 0.0), -1 if cuda is None else cuda]
+        rows = all_gather_rows(
+            mine + [local.comm_bytes[k] for k in kinds] + extra, self.info.device
+        )
         rank_times, rank_expert = [r[0] for r in rows], [r[1] for r in rows]
         mean_expert = sum(rank_expert) / len(rank_expert)
         step_time = max(rank_times)
@@ -376,7 +395,12 @@ class Trainer:
             "model_state_bytes": [r[2] for r in rows],
             "peak_rss_bytes": [int(r[3]) for r in rows],
             "expert_load": {b: [int(v) for v in c.tolist()] for b, c in out["load"].items()},
+            "micro_batches": out.get("micro_batches", 1),
         }
+        if out.get("micro_batches", 1) > 1 and self.cfg.batch_stats == "global":
+            record["prepass_time_s"] = max(r[-2] for r in rows)  # launch/step.py pre-pass
+        if cuda is not None:  # torch.cuda.max_memory_allocated per rank (GPU only)
+            record["peak_cuda_bytes"] = [int(r[-1]) for r in rows]
         owners = getattr(self.par, "owner", None)  # ep, fssdp: owning rank per expert per bank
         now = None if owners is None else {b: [int(r) for r in o] for b, o in owners.items()}
         if now is not None and now != self._owners:  # logged when they change
@@ -386,7 +410,11 @@ class Trainer:
         return record
 
     def fit(self) -> list[dict[str, Any]]:
+        """Train to `train.steps`; a SIGTERM, SIGUSR1 or SIGINT stops it after the step in
+        flight with a checkpoint ([Note: preemption] in launch/preempt.py)."""
         cfg = self.cfg
+        preempt = Preemption(self.info.device)
+        preempt.install()
         try:  # tensorboard's buffered events reach the disk even when a step fails
             while self.step < cfg.steps:
                 out = self.train_step()
@@ -401,8 +429,12 @@ class Trainer:
                 if record is not None:
                     self.history.append(record)
                     self.metrics.log(record)
+                saved = None
                 if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last:
-                    self.save()
+                    saved = self.save()
+                if not last and (signum := preempt.agreed()):
+                    stop_run(self, signum, saved)
         finally:
+            preempt.uninstall()
             self.metrics.close()
         return self.history

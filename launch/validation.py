@@ -60,6 +60,21 @@ def validate(cfg: Any, world_size: int) -> None:
             f"parallel.ranks_per_node={p.ranks_per_node} does not divide the world size "
             f"{world_size}: use a divisor, or 0 (from torchrun)"
         )
+    per_rank = t.global_batch_size // world_size
+    if t.micro_batch_size and per_rank % t.micro_batch_size:
+        raise UserError(
+            f"train.micro_batch_size={t.micro_batch_size} does not divide the {per_rank} "
+            f"sequences per rank (train.global_batch_size={t.global_batch_size} over "
+            f"{world_size} ranks): use a divisor of {per_rank}"
+        )
+    if t.compile:
+        import torch
+
+        from fssdp.compiled import compile_problem
+
+        problem = compile_problem("cuda" if torch.cuda.is_available() else "cpu")
+        if problem is not None:
+            raise UserError(problem)
     max_len = getattr(cfg.model, "max_seq_len", None)
     if max_len is not None and t.seq_len > max_len:
         raise UserError(

@@ -7,7 +7,10 @@ then the trainer calls:
   invariant: models/common/init.py), then finish wrappers that need values (DDP);
 - `attach(opt)`: the optimizer exists; the strategy's end of step becomes its step post-hook;
 - per step: `module(...)` forward, backward, `finish_backward()`, `clip_grad_norm_(max)`,
-  `opt.step()` (runs `end_step()`), `opt.zero_grad()`;
+  `opt.step()` (runs `end_step()`), `opt.zero_grad()`; under gradient accumulation each
+  micro-batch's forward and backward run inside `micro_batch(last)` and `finish_backward()`
+  runs once, after the last ([Note: sync per step]); a no-grad statistics pre-pass over the
+  step's micro-batches runs inside `statistics_pass()`;
 - `local_metrics()`: this rank's figures of the finished step, no collective (the trainer
   gathers every rank's at once);
 - `checkpoint`: the state-dict adapter of the shared layout (fssdp/checkpoint.py).
@@ -18,7 +21,8 @@ Nothing here hides a collective behind a getter: `clip_grad_norm_`, `finish_back
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -31,7 +35,7 @@ from collectives.comm import backend_device
 from collectives.placement import Topology
 from fssdp.checkpoint import ExpertStateDict
 from fssdp.config import ParallelConfig
-from fssdp.dense import local_slices
+from fssdp.dense import local_slices, set_dense_sync
 from fssdp.phases import NULL_TIMER, PhaseTimer, time_backward_chain
 from models.common.experts import ExpertBank
 
@@ -87,6 +91,9 @@ class Parallelized:
     everything on one process (`parallel=none`); subclasses override the parts they change."""
 
     name: ClassVar[str] = "none"
+    # Whether the strategy runs bf16 mixed precision itself (FSDP2's MixedPrecisionPolicy and
+    # the experts' casts, fssdp/precision.py); else the trainer autocasts under bfloat16.
+    mixed_precision: bool = False
 
     def __init__(self, model: nn.Module, cfg: ParallelConfig, topology: Topology) -> None:
         # The unwrapped model: its FQNs name parameters in checkpoints and metrics.
@@ -96,6 +103,9 @@ class Parallelized:
         self.cfg, self.topology = cfg, topology
         self.world = topology.world_size
         self.rank = dist.get_rank() if dist.is_initialized() else 0
+        # The dtype experts compute in when the strategy runs mixed precision itself (set by
+        # those that do, from fssdp/precision.py), else None.
+        self.compute_dtype: torch.dtype | None = None
         self.banks = {m.bank_name: m for m in model.modules() if isinstance(m, ExpertBank)}
         # Banks that run here with their own weights get a timing executor, so every strategy
         # reports expert compute time (and with it the straggler ratio).
@@ -167,6 +177,35 @@ class Parallelized:
         return bank.expert_ids if bank.expert_ids is not None else range(bank.num_experts)
 
     # -- the step -----------------------------------------------------------------------------
+    # [Note: sync per step]
+    # Gradient accumulation synchronises once per optimizer step, never per micro-batch: DDP's
+    # all-reduce, FSDP2's reduce-scatter and FSSDP's spRS run in the last micro-batch's
+    # backward only. For the others, `micro_batch(last=False)` says "accumulate, don't sync":
+    # DDP runs under `no_sync()`, FSDP2 gets `set_requires_gradient_sync(False)` (it keeps
+    # unsharded gradients until the last backward), and the FSSDP replicas stay held across
+    # the step's micro-batches (one placement per step, their `.grad` accumulating; the leaf's
+    # post-accumulate hook starts the spRS only in the last backward). Owned expert rows (ep,
+    # fssdp) accumulate in their `.grad` like any parameter. `finish_backward()` then runs
+    # once, after the last backward; it divides by W once.
+    @contextmanager
+    def micro_batch(self, last: bool) -> Iterator[None]:
+        """One micro-batch's forward and backward; `last=False`: accumulate, don't sync."""
+        self._set_sync(last)
+        try:
+            yield
+        finally:
+            self._set_sync(True)
+
+    def _set_sync(self, sync: bool) -> None:
+        set_dense_sync(self.model, sync)
+
+    @contextmanager
+    def statistics_pass(self) -> Iterator[None]:
+        """The no-grad pre-pass of an accumulated step ([Note: accumulation statistics] in
+        models/common/context.py): a strategy whose banks keep per-step state counts nothing
+        of it toward the step (fssdp records the step's counts for its plan instead)."""
+        yield
+
     def finish_backward(self) -> None:
         """Complete gradient synchronisation that backward left in flight (collectives)."""
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -22,6 +25,15 @@ class DDPParallel(Parallelized):
         # Experts that receive no tokens on a rank get no gradient there: DDP must look for
         # unused parameters every step rather than hang waiting for them.
         self.module = DistributedDataParallel(self.model, find_unused_parameters=True)
+
+    @contextmanager
+    def micro_batch(self, last: bool) -> Iterator[None]:
+        """[Note: sync per step]: no all-reduce before the last micro-batch's backward."""
+        if last or not isinstance(self.module, DistributedDataParallel):
+            yield
+            return
+        with self.module.no_sync():
+            yield
 
     def collect_step(self) -> LocalMetrics:
         out = super().collect_step()

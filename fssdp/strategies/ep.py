@@ -30,7 +30,9 @@ class EPParallel(ExpertSharded):
         owners = {b.bank_name: contiguous_sharding(b.num_experts, W) for b in banks}
         super().__init__(model, cfg, topology, units, owners)
         self.executors = {
-            name: EPExecutor(bank, self.owner_tensor(name), self.exchanges[name])
+            name: EPExecutor(
+                bank, self.owner_tensor(name), self.exchanges[name], self.compute_dtype
+            )
             for name, bank in self.banks.items()
         }
         for name, bank in self.banks.items():

@@ -10,6 +10,7 @@ from torch.distributed.tensor import DTensor
 from collectives.placement import Topology
 from fssdp.config import ParallelConfig
 from fssdp.dense import local_slices, shard_dense
+from fssdp.precision import compute_dtype, fsdp_policy
 from fssdp.strategies.base import LocalMetrics, Parallelized
 from fssdp.strategies.registry import register
 from models.common.experts import ExpertBank
@@ -21,7 +22,9 @@ class FSDPParallel(Parallelized):
         self, model: nn.Module, cfg: ParallelConfig, topology: Topology, units: list[nn.Module]
     ) -> None:
         super().__init__(model, cfg, topology)
-        shard_dense(model, units)
+        self.compute_dtype = compute_dtype()
+        self.mixed_precision = self.compute_dtype is not None
+        shard_dense(model, units, mp_policy=fsdp_policy(self.compute_dtype))
         self._bank_params = {
             id(p) for b in self.banks.values() for p in b.parameters(recurse=False)
         }
@@ -41,7 +44,9 @@ class FSDPParallel(Parallelized):
         dense = sum(full(p) for p in params if id(p) not in self._bank_params)
         share = (self.world - 1) / self.world
         # Per step: all-gather in forward, again in backward (resharded after forward), and a
-        # reduce-scatter of the gradients; each sends (W−1)/W of the bytes per rank.
-        out.comm_bytes["dense"] = 3 * share * (experts + dense)
-        out.comm_bytes["fsdp_expert_gather"] = 2 * share * experts
+        # reduce-scatter of the gradients; each sends (W−1)/W of the bytes per rank. Under
+        # bf16 mixed precision the gathers move half the bytes, the reduce-scatter fp32.
+        gathers = 2 * (0.5 if self.mixed_precision else 1.0)
+        out.comm_bytes["dense"] = (gathers + 1) * share * (experts + dense)
+        out.comm_bytes["fsdp_expert_gather"] = gathers * share * experts
         return out

@@ -10,6 +10,8 @@ it re-shards ownership (fssdp/reshard.py).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -65,9 +67,15 @@ class FSSDPParallel(ExpertSharded):
                 cfg.collective_algorithm,
                 cfg.timeout_s,
                 name,
+                self.compute_dtype,
             )
             ex = FSSDPExecutor(
-                bank, self.policies[name], replicas, self.exchanges[name], cfg.rematerialize
+                bank,
+                self.policies[name],
+                replicas,
+                self.exchanges[name],
+                cfg.rematerialize,
+                self.compute_dtype,
             )
             self.executors[name] = bank.executor = ex
         self._prefetch_hooks(units)
@@ -84,9 +92,15 @@ class FSSDPParallel(ExpertSharded):
             cfg.memory_cap,
             cfg.load_window,
             cfg.overlap_degree,
-            self.layouts[name].row_bytes(),
+            self._row_bytes(name),
             self.bandwidth,
         )
+
+    def _row_bytes(self, name: str) -> int:
+        """Bytes of one replica row of bank `name` (the compute dtype's under bf16)."""
+        lay = self.layouts[name]
+        dtype = self.compute_dtype or lay.dtype
+        return lay.numel * torch.empty((), dtype=dtype).element_size()
 
     def _prefetch_hooks(self, units: list[nn.Module]) -> None:
         """Issue each bank's spAG when its unit starts, so it overlaps the unit's dense work."""
@@ -122,6 +136,7 @@ class FSSDPParallel(ExpertSharded):
             {e: [(own.owner[e] + 1) % self.world] for e in range(own.num_experts)}
         )
         rows = self.layouts[name].pack(dict(self.banks[name].named_parameters(recurse=False)))
+        rows = rows.to(self.compute_dtype or rows.dtype)  # what the spAG moves
         dist.barrier(group=self.sparse_group)
         t0 = time.perf_counter()
         _, st = sparse_all_gather(
@@ -141,6 +156,22 @@ class FSSDPParallel(ExpertSharded):
         return max(float(bw.item()), 1.0)
 
     # -- the step -----------------------------------------------------------------------------
+    def _set_sync(self, sync: bool) -> None:
+        super()._set_sync(sync)
+        for ex in self.executors.values():
+            ex.replicas.sync = sync
+
+    @contextmanager
+    def statistics_pass(self) -> Iterator[None]:
+        """The banks record the step's counts (one exact plan per step) and run as EP."""
+        for ex in self.executors.values():
+            ex.prepass = True
+        try:
+            yield
+        finally:
+            for ex in self.executors.values():
+                ex.prepass = False
+
     def finish_backward(self) -> None:
         for ex in self.executors.values():
             ex.finish(self.world)
@@ -226,7 +257,7 @@ class FSSDPParallel(ExpertSharded):
         """Parameters, gradients and optimizer state, plus the replica capacity: `memory_cap`
         experts per bank, their values (one bank's at a time under rematerialisation, which
         frees them after each forward) and their gradients (held until `finish_backward`)."""
-        per_bank = [self.cfg.memory_cap * lay.row_bytes() for lay in self.layouts.values()]
+        per_bank = [self.cfg.memory_cap * self._row_bytes(n) for n in self.layouts]
         values = max(per_bank, default=0) if self.cfg.rematerialize else sum(per_bank)
         return super().state_bytes() + values + sum(per_bank)
 

@@ -16,6 +16,7 @@ from fssdp.dispatch import CallStats, Exchange
 from fssdp.expert_params import shard_bank
 from fssdp.groups import side_groups
 from fssdp.phases import NULL_TIMER, PhaseTimer
+from fssdp.precision import compute_dtype, fsdp_policy
 from fssdp.strategies.base import LocalMetrics, Parallelized
 from models.common.experts import ExpertBank
 
@@ -32,6 +33,10 @@ class ExpertSharded(Parallelized):
         owners: dict[str, list[int]],
     ) -> None:
         super().__init__(model, cfg, topology)
+        # bf16: FSDP2's policy for the dense part, bf16 expert compute ([Note: mixed precision
+        # of experts] in fssdp/precision.py)
+        self.compute_dtype = compute_dtype()
+        self.mixed_precision = self.compute_dtype is not None
         if not self.banks:
             raise ValueError(f"parallel={self.name}: the model has no expert bank")
         # Sparse collectives and token dispatch get groups of their own
@@ -46,7 +51,7 @@ class ExpertSharded(Parallelized):
         self._dense_bytes = sum(
             p.numel() * p.element_size() for p in model.parameters() if id(p) not in ids
         )
-        shard_dense(model, units, ignored=experts)
+        shard_dense(model, units, ignored=experts, mp_policy=fsdp_policy(self.compute_dtype))
 
     def _exchange(self, name: str) -> Exchange:
         return Exchange(
@@ -74,8 +79,10 @@ class ExpertSharded(Parallelized):
 
     def _dense_comm(self) -> float:
         # FSDP2 on the dense parameters: all-gather forward and backward, reduce-scatter; each
-        # sends (W−1)/W of the bytes per rank (an estimate, not counted on the wire).
-        return 3 * (self.world - 1) / self.world * self._dense_bytes
+        # sends (W−1)/W of the bytes per rank (an estimate, not counted on the wire); bf16
+        # gathers move half the bytes, the reduce-scatter stays fp32.
+        gathers = 2 * (0.5 if self.mixed_precision else 1.0)
+        return (gathers + 1) * (self.world - 1) / self.world * self._dense_bytes
 
     def collect_step(self) -> LocalMetrics:
         out = super().collect_step()

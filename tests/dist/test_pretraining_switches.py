@@ -1,0 +1,118 @@
+"""The pretraining switches at world 2, in one process group: `train.compile=true` (under fsdp)
+equals eager within fp32 tolerance and really compiles; Ctrl-C (SIGINT) on rank 0 alone stops
+`fit` on both ranks after the same step ([Note: preemption] in launch/preempt.py: the ranks
+agree), with a checkpoint and one line; `peak_cuda_bytes` is logged only on CUDA."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from launch.build import build_trainer
+from launch.dist import DistInfo
+from launch.train import compose_config
+from tests.support.harness import run_distributed
+from tests.support.parity import rel_err, train_capture
+
+TINY = ["model=gpt_moe_tiny", "model.n_layers=2", "parallel=fssdp", "data=synthetic"]
+FP32 = ["model=gpt_moe_tiny", "model.n_layers=2", "parallel=fsdp", "train.dtype=float32"]
+
+
+def _trainer(rank: int, tmp: Path, overrides: list[str], on_grads: Any = None) -> Any:
+    job, _ = compose_config(
+        ["train.global_batch_size=4", "train.seq_len=32", "train.progress=false",
+         "data.val_batches=0", *overrides]
+    )  # fmt: skip
+    cfg: Any = OmegaConf.to_object(job)
+    info = DistInfo(rank, 2, rank, 2, torch.device("cpu"))
+    return build_trainer(cfg, info, tmp, on_grads=on_grads)
+
+
+def _compile_case(rank: int) -> dict[str, Any]:
+    from torch._dynamo.utils import counters
+
+    eager = train_capture(rank, 2, FP32, 2)
+    counters.clear()
+    compiled = train_capture(rank, 2, [*FP32, "train.compile=true"], 2)
+    return {"eager": eager, "compiled": compiled, "graphs": counters["stats"]["unique_graphs"]}
+
+
+def _sigint_case(rank: int, tmp: Path) -> dict[str, Any]:
+    def interrupt(par: Any, step: int) -> None:
+        if step == 2 and rank == 0:  # Ctrl-C on rank 0 only, while step 2 is in flight
+            os.kill(os.getpid(), signal.SIGINT)
+
+    run = tmp / "sigint"
+    trainer = _trainer(rank, run, [*TINY, "train.steps=5", "train.ckpt_every=100"], interrupt)
+    out = io.StringIO()
+    code = None
+    with contextlib.redirect_stdout(out):
+        try:
+            trainer.fit()
+        except SystemExit as e:
+            code = e.code
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    return {"code": code, "out": out.getvalue(), "ckpts": ckpts, "step": trainer.step,
+            "handler": signal.getsignal(signal.SIGINT)}  # fmt: skip
+
+
+def _cuda_field_case(rank: int, tmp: Path) -> dict[str, Any]:
+    import launch.trainer as tr
+
+    seen = {}
+    seen["cpu"] = _trainer(rank, tmp / "a", [*TINY, "train.steps=1"]).fit()
+    real = tr.peak_cuda_bytes
+    tr.peak_cuda_bytes = lambda device: 12345 + rank  # as on a CUDA device
+    try:
+        seen["cuda"] = _trainer(rank, tmp / "b", [*TINY, "train.steps=1"]).fit()
+    finally:
+        tr.peak_cuda_bytes = real
+    seen["none"] = tr.peak_cuda_bytes(torch.device("cpu"))
+    return seen
+
+
+def _all(rank: int, world: int, tmp: str) -> dict[str, Any]:
+    root = Path(tmp)  # the same directory on both ranks (DCP writes one checkpoint)
+    return {
+        "compile": _compile_case(rank),
+        "sigint": _sigint_case(rank, root),
+        "cuda": _cuda_field_case(rank, root),
+    }
+
+
+def test_compile_sigint_and_cuda_memory(tmp_path: Path) -> None:
+    ranks = run_distributed(_all, 2, str(tmp_path), timeout_s=600)
+    got = ranks[0]
+    c = got["compile"]
+    assert c["graphs"] >= 2, c["graphs"]  # attention and norms were compiled, not eager
+    assert_close(c["eager"], c["compiled"], 1e-5)
+
+    for rank, r in enumerate(ranks):  # rank 1 saw no signal, yet stopped after the same step
+        s = r["sigint"]
+        assert s["code"] == 0 and s["step"] == 2, (rank, s)
+        assert s["ckpts"] == ["step_00000002"], s
+        assert s["handler"] is signal.default_int_handler  # restored after fit
+    lines = [line for line in got["sigint"]["out"].splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fssdp: stopped by SIGINT after step 2:")
+    assert not ranks[1]["sigint"]["out"].strip()  # one line, from rank 0
+
+    m = got["cuda"]
+    assert m["none"] is None
+    cpu, cuda = m["cpu"][-1], m["cuda"][-1]  # rank 0's records: every rank's figures
+    assert "peak_cuda_bytes" not in cpu and min(cpu["peak_rss_bytes"]) > 0
+    assert cuda["peak_cuda_bytes"] == [12345, 12346]
+
+
+def assert_close(ref: dict[str, Any], got: dict[str, Any], tol: float) -> None:
+    for lr, lg in zip(ref["loss"], got["loss"]):
+        assert abs(lr - lg) <= tol * abs(lr), (lr, lg)
+    for gr, gg in zip(ref["grads"], got["grads"]):
+        for name in gr:
+            assert rel_err(gg[name], gr[name]) <= tol, name
