@@ -7,8 +7,9 @@ unknown (re-sharding moves it). Strategies that hold every expert everywhere (no
 have no owner.
 
 Load is shown as tokens / the bank's mean on a logarithmic, diverging scale centred on 1
-(white = the mean, red = hotter, blue = colder, black = no tokens): a linear scale from 0 to the
-hottest expert turns everything else dark as soon as one expert is 10x the mean.
+(white = the mean, red = hotter, blue = colder, black = no tokens, grey = no such expert): a
+linear scale from 0 to the hottest expert turns everything else dark as soon as one expert is
+10x the mean.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _ep_layout(record: Record) -> Owners:
 def load_scale(values: np.ndarray) -> colors.Normalize:
     """Log scale centred on 1, symmetric, wide enough for the 98th percentile of the ratios
     (clamped to [2, 64]); outliers beyond it saturate, the typical cell does not."""
-    v = values[np.isfinite(values) & (values > 0)]
+    v = values[np.isfinite(values) & (values > 1e-9)]
     spread = np.maximum(v, 1.0 / v) if v.size else np.array([2.0])
     c = float(np.clip(np.quantile(spread, 0.98), 2.0, 64.0))
     return colors.LogNorm(vmin=1.0 / c, vmax=c)
@@ -54,9 +55,9 @@ def load_scale(values: np.ndarray) -> colors.Normalize:
 def _cmap(kind: str) -> colors.Colormap:
     from matplotlib import colormaps
 
-    # black: no tokens (log of 0), or an expert the bank does not have
+    # black: no tokens; grey: an expert the bank does not have (banks of different sizes)
     return colormaps["RdBu_r" if kind == "load" else "viridis"].with_extremes(
-        bad="black", under="black"
+        bad="#c8c8c8", under="black"
     )
 
 
@@ -67,8 +68,8 @@ def _ratio_grid(rows: dict[str, list[int]], kind: str) -> np.ndarray:
         a = np.asarray(v, dtype=np.float64)
         mean = a.mean() if a.size else 0.0
         grid[i, : len(a)] = (a / mean if mean > 0 else a) if kind == "load" else a
-    if kind == "load":
-        grid[grid <= 0] = np.nan
+    if kind == "load":  # no tokens: below the scale (black); no such expert: nan (grey)
+        grid[grid <= 0] = 1e-12
     return grid
 
 

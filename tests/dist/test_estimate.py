@@ -29,7 +29,7 @@ def _logged(rank: int, world: int) -> dict[str, float]:
     return out
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [pytest.param(w, marks=pytest.mark.slow) for w in (2, 4)])
 def test_estimate_matches_the_logged_model_state(world: int) -> None:
     logged = run_distributed(_logged, world, timeout_s=300)[0]
     for s in STRATEGIES:
@@ -54,6 +54,7 @@ def test_expert_memory_falls_as_one_over_world() -> None:
         assert abs(two / one - 0.5) < 0.02 and abs(four / one - 0.25) < 0.02, (s, one, two, four)
 
 
+@pytest.mark.slow
 def test_cli_prints_and_writes_json(tmp_path: Any) -> None:
     out = tmp_path / "est.json"
     cmd = [sys.executable, "-m", "launch.estimate", "--world", "8", "--rank", "3", "--json",

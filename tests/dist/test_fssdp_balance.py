@@ -36,7 +36,7 @@ def _imbalance(rows: list[float]) -> float:
     return max(rows) / (sum(rows) / len(rows))
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [pytest.param(w, marks=pytest.mark.slow) for w in (2, 4)])
 def test_fssdp_balances_better_than_ep_and_moves_less_than_fsdp(world: int) -> None:
     got = run_distributed(_run, world)[0]
     fssdp, ep, fsdp = got["fssdp"], got["ep"], got["fsdp"]

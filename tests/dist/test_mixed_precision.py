@@ -67,6 +67,7 @@ def _check(ranks: list[dict[str, Any]]) -> None:
     assert probe["param_dtypes"] == {"torch.float32"} == probe["state_dtypes"], probe
 
 
+@pytest.mark.slow
 def test_bf16_trains_and_halves_the_spag_bytes() -> None:
     _check(run_distributed(_run, 2, ["gpt_moe", "umoe"], timeout_s=600))
 

@@ -39,6 +39,9 @@ def _cases(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+pytestmark = pytest.mark.slow  # ~10 s; the parity of these optimizers is in test_strategy_parity
+
+
 @pytest.fixture(scope="module")
 def got() -> dict[str, Any]:
     return run_distributed(_cases, 2, timeout_s=300)[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 
 from tests.support.harness import run_distributed
@@ -53,6 +54,7 @@ def _check_record(name: str, rec: dict[str, Any]) -> None:
         check_spans(rec["phase_spans"][r], f"{name} rank {r}")
 
 
+@pytest.mark.slow
 def test_every_strategy_reports_its_phases_and_numerics_do_not_move() -> None:
     res = run_distributed(_every_strategy, 2, timeout_s=300)
     for rank in range(2):

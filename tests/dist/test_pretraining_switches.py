@@ -12,6 +12,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -87,6 +88,7 @@ def _all(rank: int, world: int, tmp: str) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow
 def test_compile_sigint_and_cuda_memory(tmp_path: Path) -> None:
     ranks = run_distributed(_all, 2, str(tmp_path), timeout_s=600)
     got = ranks[0]

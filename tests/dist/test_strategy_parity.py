@@ -109,7 +109,7 @@ def test_reference_cases_are_what_they_claim(reference: dict[str, Any]) -> None:
     assert all(c[0] == sum(c) for c in one.values()), one
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("world", [1, *(pytest.param(w, marks=pytest.mark.slow) for w in (2, 4))])
 def test_strategies_match_single_process(reference: dict[str, Any], world: int) -> None:
     got = run_distributed(_strategies, world, timeout_s=300)[0]
     for name, (model, _) in _runs_at(world).items():

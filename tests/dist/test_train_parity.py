@@ -26,7 +26,7 @@ def reference() -> dict:
     return run_distributed(_all_cases, 1, "none")[0]
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_ddp_matches_single_process(reference: dict, world: int) -> None:
     got = run_distributed(_all_cases, world, "ddp")[0]
     for name in CASES:

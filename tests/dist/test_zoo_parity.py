@@ -30,6 +30,7 @@ def reference() -> dict[str, Any]:
     return run_distributed(_all, 1, ["parallel=none"])[0]
 
 
+@pytest.mark.slow
 def test_every_family_matches_under_fssdp(reference: dict[str, Any]) -> None:
     got = run_distributed(_all, 2, FSSDP, timeout_s=300)[0]
     for family in FAMILIES:

@@ -64,6 +64,7 @@ def test_run_directory_contents(run_dir: Path) -> None:
     assert "val_bpb" in rows[-1]
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_trajectory(run_dir: Path, tmp_path: Path) -> None:
     resumed = tmp_path / "resumed"
     shutil.copytree(run_dir, resumed)

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.support.harness import free_port
 from tests.support.launch import ENV, read_metrics, stop
 from tests.support.parity import BASE, train_capture
@@ -70,6 +72,7 @@ def _workers(agent_pid: int) -> dict[int, int]:
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_of_a_worker_restarts_resumes_and_finishes(tmp_path: Path) -> None:
     run, log = tmp_path / "run", tmp_path / "torchrun.log"
     cmd = [
@@ -113,6 +116,7 @@ def _checkpoints(run: Path) -> list[tuple[int, Path]]:
     return list_checkpoints(run / "checkpoints")
 
 
+@pytest.mark.slow
 def test_a_rank_that_stops_answering_ends_with_one_line_and_exit_2(tmp_path: Path) -> None:
     """Two ranks started by hand (not torchrun, which would turn the exit code into 1)."""
     run = tmp_path / "run"

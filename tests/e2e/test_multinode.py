@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support.harness import free_port
 from tests.support.launch import ENV, read_metrics, stop
 from tests.support.parity import BASE, train_capture
@@ -51,6 +53,7 @@ def _agent(port: int, run: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
+@pytest.mark.slow
 def test_two_agents_form_two_nodes_and_match_the_reference(tmp_path: Path) -> None:
     port, run = free_port(), tmp_path / "run"
     logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
@@ -73,6 +76,7 @@ def test_two_agents_form_two_nodes_and_match_the_reference(tmp_path: Path) -> No
         assert abs(r["loss"] - want) <= 1e-9 * abs(want), (r["step"], r["loss"], want)
 
 
+@pytest.mark.slow
 def test_slurm_script_launches_a_job(tmp_path: Path) -> None:
     """launch/slurm/train.sbatch on one 'node', with srun and scontrol stood in by shims."""
     shims = tmp_path / "bin"

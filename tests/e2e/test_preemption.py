@@ -12,6 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.support.launch import ENV, read_metrics, stop, torchrun_cmd
 from tests.support.parity import BASE, train_capture
 
@@ -42,6 +44,7 @@ def _wait_for_steps(run: Path, n: int, proc: subprocess.Popen, log: Path) -> Non
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_checkpoints_and_the_same_command_resumes(tmp_path: Path) -> None:
     run, log = tmp_path / "run", tmp_path / "first.log"
     cmd = torchrun_cmd(2, [*ARGS, "parallel=fssdp", f"hydra.run.dir={run}"])
