@@ -1,7 +1,7 @@
 """The EP executor: a static placement and the token dispatcher, nothing else on its path.
 
 Legend: N rows this rank routes into the bank, M rows it computes, E experts, W ranks,
-O experts this rank owns.
+K experts this rank owns (O is an output width elsewhere).
 
 Each rank's bank parameters hold its owned experts' rows ([Note: expert parameters] in
 fssdp/expert_params.py). A call all-gathers the [W, E] count matrix, sends each row to its

@@ -1,7 +1,7 @@
 """The FSSDP executor of one bank: place, materialise, dispatch, compute, fold gradients back.
 
 Legend: N rows this rank sends into the bank, M rows it computes, E experts of the bank, W
-ranks, O experts this rank owns, R replicas it holds this step, S elements per expert.
+ranks, K experts this rank owns, R replicas it holds this step, S elements per expert.
 
 [Note: one step of a bank]
 1. `prefetch()` (a forward pre-hook on the layer that contains the bank) asks the policy for a
@@ -192,23 +192,23 @@ class FSSDPExecutor:
     def _compute_fn(self, bank: ExpertBank, placement: Placement, rows_RS: Tensor):  # noqa: ANN202
         """compute(x_MD, expert_M): owned experts with the parameters, the rest with replicas."""
         dev = rows_RS.device
-        O = len(bank.expert_ids or ())
+        K = len(bank.expert_ids or ())
         lut_E = local_index(bank.expert_ids or (), bank.num_experts, dev)
         rep_E = local_index(tuple(self.replicas.ids), bank.num_experts, dev)
-        key_E = torch.where(lut_E >= 0, lut_E, O + rep_E)  # owned first, then replicas
+        key_E = torch.where(lut_E >= 0, lut_E, K + rep_E)  # owned first, then replicas
 
         def compute(x_MD: Tensor, expert_M: Tensor) -> Tensor:
             x_MD = rows(x_MD, self.compute_dtype)
             key_M = key_E[expert_M]
             order_M = torch.argsort(key_M, stable=True)
             key_sorted = key_M.index_select(0, order_M)
-            n_own = int((key_sorted < O).sum())
+            n_own = int((key_sorted < K).sum())
             x_sorted = x_MD.index_select(0, order_M)
             own_w = weights(bank.stacked(), self.compute_dtype)
             parts = [bank.compute(own_w, x_sorted[:n_own], key_sorted[:n_own])]
             if key_sorted.numel() > n_own:
                 rep_w = self.replicas.layout.views(rows_RS)
-                parts.append(bank.compute(rep_w, x_sorted[n_own:], key_sorted[n_own:] - O))
+                parts.append(bank.compute(rep_w, x_sorted[n_own:], key_sorted[n_own:] - K))
             y_sorted = torch.cat(parts) if len(parts) > 1 else parts[0]
             inverse_M = torch.empty_like(order_M)
             inverse_M[order_M] = torch.arange(order_M.numel(), device=dev)

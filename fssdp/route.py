@@ -1,7 +1,7 @@
 """Where each (token, expert) row of one bank call is computed: EP's static route.
 
 Legend: W ranks, E experts of the bank, N rows this rank routes into the bank, M rows it
-receives, O experts this rank owns.
+receives, K experts this rank owns.
 
 A *route* answers, for the token all-to-all, what `fssdp.assign.Assignment` answers under
 FSSDP: `send_order(expert_N, src)` (the permutation of src's rows, grouped by destination rank,

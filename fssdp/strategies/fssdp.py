@@ -1,4 +1,4 @@
-"""`parallel=fssdp`: experts sharded whole, hot experts materialised per step (DESIGN.md §2).
+"""`parallel=fssdp`: experts sharded whole, hot experts materialised per step.
 
 Dense parameters go to FSDP2; every bank keeps its owned rows as parameters, gets a placement
 policy (fssdp/policy.py), a replica state machine (fssdp/replicas.py) and an executor

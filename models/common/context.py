@@ -1,10 +1,10 @@
 """Per-forward context: global-batch statistics, auxiliary losses and expert load.
 
 Models know nothing of parallelism, yet their auxiliary losses must use global-batch statistics
-(DESIGN.md §4, world-size invariance). The trainer hands each forward a `MoEContext` whose
-`reducer` sums small tensors over the data-parallel ranks; models call it and stay ignorant of
-process groups. The context also collects the auxiliary losses and the tokens-per-expert of every
-bank for this step, so nothing lives in module-level globals.
+(world-size invariance: [Note: gradient convention] below). The trainer hands each forward a
+`MoEContext` whose `reducer` sums small tensors over the data-parallel ranks; models call it and
+stay ignorant of process groups. The context also collects the auxiliary losses and the
+tokens-per-expert of every bank for this step, so nothing lives in module-level globals.
 
 [Note: gradient convention]
 Every loss a model reports is the *global* loss (the same value on every rank). Strategies average
@@ -41,7 +41,8 @@ def global_sum(local: Tensor, reducer: BatchReducer) -> Tensor:
 
 
 # [Note: accumulation statistics]
-# A step of M micro-batches must report the losses of the full global batch (DESIGN.md §4).
+# A step of M micro-batches must report the losses of the full global batch (world-size
+# invariant, as without accumulation).
 # Every model loss is built from `all_sum` totals (`global_sum`, `global_mean`): the value is
 # the global total, the gradient W × the local term ([Note: gradient convention]). So if
 # `all_sum` returns the *full-step* totals (over ranks and micro-batches), every micro-batch's
