@@ -67,8 +67,26 @@ def compile_problem(device_type: str) -> str | None:
     return None
 
 
+# [Note: inductor cache per CPU capability]
+# Inductor caches the C++ kernels it builds (TORCHINDUCTOR_CACHE_DIR, default
+# /tmp/torchinductor_<user>) and reuses them across processes. Seen here (torch 2.13, AMD EPYC
+# with AVX-512): kernels cached by a default run and reused by a run with
+# ATEN_CPU_CAPABILITY=avx2 made the compiled model's first loss NaN; with a fresh cache both
+# runs match eager. So, unless the user chose a cache directory, each CPU capability gets its own.
+# (torch writes its default into the variable at first use, so the default counts as unset.)
+def _cache_per_capability() -> None:
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    mine = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if mine and os.path.abspath(mine) != os.path.abspath(default_cache_dir()):
+        return
+    isa = torch.backends.cpu.get_cpu_capability().lower()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default_cache_dir(), f"cpu_{isa}")
+
+
 def compile_dense(model: nn.Module) -> list[str]:
     """Compile every dense submodule of `model` in place; returns their names."""
+    _cache_per_capability()
     chosen = dense_submodules(model)
     for _, module in chosen:
         module.forward = _compiled(module.forward)  # type: ignore[method-assign]

@@ -59,3 +59,24 @@ def test_micro_batches_and_compiled_modules() -> None:
     assert "layers.0" in names and "layers.1.mixer" in names and "layers.1.norm_ffn" in names
     assert not any(n.startswith("layers.1.ffn") for n in names), names
     assert "tok_emb" not in names and "lm_head" in names, names
+
+
+def test_inductor_cache_is_kept_per_cpu_capability(monkeypatch: pytest.MonkeyPatch) -> None:
+    """[Note: inductor cache per CPU capability]: a user's own directory is left alone."""
+    import os
+
+    import torch
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from fssdp import compiled
+
+    isa = torch.backends.cpu.get_cpu_capability().lower()
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    compiled._cache_per_capability()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"].endswith(f"cpu_{isa}")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # torch's own default
+    compiled._cache_per_capability()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"].endswith(f"cpu_{isa}")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/mine")
+    compiled._cache_per_capability()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/mine"
