@@ -77,9 +77,18 @@ def _reference(rank: int, world: int) -> dict[str, Any]:
     }
 
 
+# The other optimizers' state moves with the rows at world 2 already; world 4 adds nothing new.
+OPTIMIZER_CASES = ("fssdp_sgd_reshard", "fssdp_fused_adamw", "fsdp_fused_adamw")
+
+
 def _runs_at(world: int) -> dict[str, tuple[str, list[str]]]:
     """The cases that exist at `world` (a two-node topology needs more than one rank)."""
-    return {n: c for n, c in CASES.items() if world > 1 or "parallel.ranks_per_node=2" not in c[1]}
+    return {
+        n: c
+        for n, c in CASES.items()
+        if (world > 1 or "parallel.ranks_per_node=2" not in c[1])
+        and (world < 4 or n not in OPTIMIZER_CASES)
+    }
 
 
 def _strategies(rank: int, world: int) -> dict[str, Any]:
@@ -125,5 +134,5 @@ def test_strategies_match_single_process(reference: dict[str, Any], world: int) 
     first = got["fssdp_spread"]["probe"]["owners"]
     moved = got["fssdp_reshard"]["probe"]["owners"]
     assert moved != first, "re-sharding changed no owner"
-    for name in ("fssdp_sgd_reshard", "fssdp_fused_adamw"):
+    for name in set(OPTIMIZER_CASES) & set(got) - {"fsdp_fused_adamw"}:
         assert got[name]["probe"]["owners"] != first, f"{name}: re-sharding changed no owner"
