@@ -6,7 +6,6 @@ naming where they waited, and exit code 2, after `parallel.timeout_s`.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -18,28 +17,11 @@ from pathlib import Path
 import pytest
 
 from tests.support.harness import free_port
-from tests.support.launch import ENV, read_metrics, stop
+from tests.support.launch import ENV, TINY_JOB, logged_steps, read_metrics, stop
 from tests.support.parity import BASE, train_capture
 
 STEPS = 10
-ARGS = [
-    *BASE,
-    "model=gpt_moe_tiny",
-    "model.n_layers=2",
-    "data=synthetic",
-    f"train.steps={STEPS}",
-    "train.log_every=1",
-    "train.progress=false",
-    "data.val_batches=0",
-]
-
-
-def _logged_steps(run: Path) -> int:
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    lines = path.read_text().splitlines()
-    return json.loads(lines[-1])["step"] if lines else 0
+ARGS = [*BASE, *TINY_JOB, f"train.steps={STEPS}", "train.progress=false"]
 
 
 def _wait_until(cond: object, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
@@ -85,10 +67,10 @@ def test_sigkill_of_a_worker_restarts_resumes_and_finishes(tmp_path: Path) -> No
     job = subprocess.Popen(cmd, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
         _wait_until(lambda: (run / "checkpoints" / "step_00000002").is_dir(), job, log)
-        _wait_until(lambda: _logged_steps(run) >= 3, job, log)
+        _wait_until(lambda: logged_steps(run) >= 3, job, log)
         victim = _workers(job.pid)[1]
         os.kill(victim, signal.SIGKILL)
-        killed_after = _logged_steps(run)
+        killed_after = logged_steps(run)
         ref = train_capture(0, 1, [*ARGS[len(BASE) :], "parallel=none"], STEPS)["loss"]
         rc = job.wait(timeout=240)
     finally:
@@ -135,7 +117,7 @@ def test_a_rank_that_stops_answering_ends_with_one_line_and_exit_2(tmp_path: Pat
             )
         )
     try:
-        _wait_until(lambda: _logged_steps(run) >= 2, procs[0], logs[0])
+        _wait_until(lambda: logged_steps(run) >= 2, procs[0], logs[0])
         os.kill(procs[1].pid, signal.SIGSTOP)
         rc = procs[0].wait(timeout=120)
     finally:

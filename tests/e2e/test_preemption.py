@@ -5,7 +5,6 @@ ranks' agreement) and Ctrl-C: tests/dist/test_pretraining_switches.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,31 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.launch import ENV, read_metrics, stop, torchrun_cmd
+from tests.support.launch import ENV, TINY_JOB, logged_steps, read_metrics, stop, torchrun_cmd
 from tests.support.parity import BASE, train_capture
 
 STEPS = 6
-ARGS = [
-    *BASE,
-    "model=gpt_moe_tiny",
-    "model.n_layers=2",
-    "data=synthetic",
-    f"train.steps={STEPS}",
-    "train.log_every=1",
-    "train.ckpt_every=100",  # only the preemption and the last step write one
-    "data.val_batches=0",
-]
-
-
-def _logged_steps(run: Path) -> int:
-    path = run / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return json.loads(lines[-1])["step"] if lines else 0
+# only the preemption and the last step write a checkpoint
+ARGS = [*BASE, *TINY_JOB, f"train.steps={STEPS}", "train.ckpt_every=100"]
 
 
 def _wait_for_steps(run: Path, n: int, proc: subprocess.Popen, log: Path) -> None:
     end = time.monotonic() + 120
-    while _logged_steps(run) < n:
+    while logged_steps(run) < n:
         assert proc.poll() is None, f"ended early ({proc.returncode}):\n{log.read_text()[-3000:]}"
         assert time.monotonic() < end, f"timed out:\n{log.read_text()[-3000:]}"
         time.sleep(0.05)

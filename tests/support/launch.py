@@ -58,3 +58,21 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# A two-layer GPT-MoE on synthetic data in float64 (tests/support/parity.py BASE first), logging
+# every step: the job of the torchrun fault and preemption tests.
+TINY_JOB = [
+    "model=gpt_moe_tiny",
+    "model.n_layers=2",
+    "data=synthetic",
+    "train.log_every=1",
+    "data.val_batches=0",
+]
+
+
+def logged_steps(run: Path) -> int:
+    """The last step `run`'s metrics.jsonl has logged (0: none yet)."""
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1])["step"] if lines else 0
