@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_fault_recovery import _logged_steps, _wait_until
+from tests.e2e.test_fault_recovery import _wait_until
 from tests.support.driver import Driver, hashes, one_line
-from tests.support.launch import ENV, stop, torchrun_cmd
+from tests.support.launch import ENV, logged_steps, stop, torchrun_cmd
 
 SMALL = [
     "model=gpt_moe_tiny",
@@ -48,7 +48,7 @@ def test_a_second_job_refuses_and_a_killed_job_does_not_block(
     )
     again = [*SMALL, "parallel=none", "train.steps=2", f"hydra.run.dir={run}"]
     try:
-        _wait_until(lambda: _logged_steps(run) >= 1, first, log)
+        _wait_until(lambda: logged_steps(run) >= 1, first, log)
         second = driver.run(again)
         assert second["code"] == 2, second["stderr"][-3000:]
         line = one_line(second["stderr"])
