@@ -13,7 +13,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from collectives.comm import as_bytes, backend_device, blocking, group_rank_world
+from collectives.comm import (
+    Call,
+    as_bytes,
+    backend_device,
+    blocking,
+    group_rank_world,
+    guarded,
+)
 
 Group = dist.ProcessGroup | None
 
@@ -113,6 +120,48 @@ def exchange_counts(
     return recv_W.tolist()
 
 
+class PendingCounts:
+    """A count all-gather in flight (`issue_all_gather_counts`): `wait()` gives the [W, E]
+    matrix; waiting twice is free."""
+
+    def __init__(self, out_WE: torch.Tensor, work: dist.Work | None, call: Call) -> None:
+        self.out_WE = out_WE
+        self.work = work  # None once waited (or at world 1)
+        self.call = call  # what a timeout names
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.call.wait([self.work])
+            self.work = None
+        return self.out_WE
+
+
+def issue_all_gather_counts(
+    counts_E: torch.Tensor | Sequence[int],
+    group: Group = None,
+    *,
+    device: torch.device | None = None,
+    phase: str | None = None,
+    timeout_s: float | None = None,
+) -> PendingCounts:
+    """Start the all-gather of every rank's per-expert counts (async); every rank of the group
+    must issue it at the same point of its sequence of collectives on `group`."""
+    call = Call.of(group, "all_gather_counts", phase, timeout_s)
+    dev = device or backend_device(group)
+    c_E = torch.as_tensor(counts_E, dtype=torch.int64).to(dev).reshape(-1)
+    if call.world == 1:
+        return PendingCounts(c_E[None].clone(), None, call)
+    out_WE = torch.empty(call.world * c_E.numel(), dtype=torch.int64, device=dev)
+    work = guarded(
+        lambda: dist.all_gather_single(out_WE, c_E, group=group, async_op=True),
+        call.op,
+        phase,
+        group,
+        timeout_s,
+    )
+    return PendingCounts(out_WE.view(call.world, c_E.numel()), work, call)
+
+
 def all_gather_counts(
     counts_E: torch.Tensor | Sequence[int],
     group: Group = None,
@@ -122,17 +171,6 @@ def all_gather_counts(
     timeout_s: float | None = None,
 ) -> torch.Tensor:
     """[W, E] int64 matrix of every rank's per-expert counts, on the communication device."""
-    _, world = group_rank_world(group)
-    dev = device or backend_device(group)
-    c_E = torch.as_tensor(counts_E, dtype=torch.int64).to(dev).reshape(-1)
-    if world == 1:
-        return c_E[None].clone()
-    out_WE = torch.empty(world * c_E.numel(), dtype=torch.int64, device=dev)
-    blocking(
-        lambda: dist.all_gather_single(out_WE, c_E, group=group, async_op=True),
-        "all_gather_counts",
-        phase,
-        group,
-        timeout_s,
-    )
-    return out_WE.view(world, c_E.numel())
+    return issue_all_gather_counts(
+        counts_E, group, device=device, phase=phase, timeout_s=timeout_s
+    ).wait()

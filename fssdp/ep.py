@@ -4,11 +4,12 @@ Legend: N rows this rank routes into the bank, M rows it computes, E experts, W 
 K experts this rank owns (O is an output width elsewhere).
 
 Each rank's bank parameters hold its owned experts' rows ([Note: expert parameters] in
-fssdp/expert_params.py). A call all-gathers the [W, E] count matrix, sends each row to its
-expert's owner by one all-to-all, computes with the owned parameters themselves (autograd
-accumulates their gradients directly: no copies, no sparse collectives), and brings the results
-back. `finish()` turns the summed gradients into the mean over ranks. Recomputed by activation
-checkpointing, a call replays its counts ([Note: recomputation reuse] in fssdp/recompute.py).
+fssdp/expert_params.py). A call all-gathers the [W, E] count matrix (fssdp/counts.py), sends
+each row to its expert's owner by one all-to-all, computes with the owned parameters themselves
+(autograd accumulates their gradients directly: no copies, no sparse collectives), and brings
+the results back. `finish()` turns the summed gradients into the mean over ranks. Recomputed
+by activation checkpointing, a call replays its counts ([Note: recomputation reuse] in
+fssdp/recompute.py).
 """
 
 from __future__ import annotations
@@ -16,22 +17,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from collectives.dispatch import all_gather_counts
 from fssdp import precision
-from fssdp.dispatch import Exchange, exchange_compute
+from fssdp.counts import CountExchange
+from fssdp.dispatch import exchange_compute
 from fssdp.precision import rows
 from fssdp.recompute import recompute_counts, replaying
 from fssdp.route import StaticRoute
 from models.common.experts import ExpertBank
-
-
-def gather_counts(ex: Exchange, bank: ExpertBank, expert_N: Tensor) -> Tensor:
-    """[W, E] rows per rank per expert of this call (all-gathered on the dispatch group)."""
-    counts_E = torch.bincount(expert_N, minlength=bank.num_experts)
-    with ex.phases.phase("dispatch"):
-        return all_gather_counts(
-            counts_E, ex.group, phase=f"counts {ex.name}", timeout_s=ex.timeout_s
-        ).cpu()
 
 
 def local_index(expert_ids: tuple[int, ...], num_experts: int, device: torch.device) -> Tensor:
@@ -49,14 +41,15 @@ class EPExecutor:
         self,
         bank: ExpertBank,
         owner_E: Tensor,
-        ex: Exchange,
+        counts: CountExchange,
         compute_dtype: torch.dtype | None = None,
     ) -> None:
         self.bank = bank
         # bf16 casts of the owned rows ([Note: mixed precision of experts] fssdp/precision.py)
         self.compute_dtype = compute_dtype
         self.owner_E = owner_E
-        self.ex = ex
+        self.count_exchange = counts  # the per-call count matrices ([Note: announced routing])
+        self.ex = counts.ex
         # Global expert id -> row of the bank's (owned) parameters; fixed under EP.
         self.lut_E = local_index(bank.expert_ids or (), bank.num_experts, owner_E.device)
         # Whether any row went through the bank this step (anywhere): then every owned expert
@@ -65,7 +58,7 @@ class EPExecutor:
 
     def __call__(self, bank: ExpertBank, x_ND: Tensor, expert_N: Tensor) -> Tensor:
         ex = self.ex
-        counts_WE = recompute_counts(lambda: gather_counts(ex, bank, expert_N))
+        counts_WE = recompute_counts(lambda: self.count_exchange.gather(expert_N))
         self.used |= torch.is_grad_enabled() and bool(counts_WE.sum() > 0)
         route = StaticRoute(counts_WE, self.owner_E)
 

@@ -7,7 +7,8 @@ ranks, K experts this rank owns, R replicas it holds this step, S elements per e
 1. `prefetch()` (a forward pre-hook on the layer that contains the bank) asks the policy for a
    placement to prefetch (predict, calibrate) and issues its spAG while the layer's dense work
    (attention) runs. Exact mode prefetches nothing.
-2. The first call of the step all-gathers the [W, E] count matrix; the policy turns it into
+2. The first call of the step all-gathers the [W, E] count matrix (issued early when the model
+   announced the call, [Note: announced routing] in fssdp/counts.py); the policy turns it into
    the placement the bank runs with this step (exact: planned now; calibrate: the prefetched
    one plus what pays; predict: the prefetched one). Later calls of a multi-call bank reuse it.
 3. Each call computes the topology-aware assignment (identical on every rank), sends rows to
@@ -43,8 +44,9 @@ from torch import Tensor
 
 from collectives.placement import Placement
 from fssdp.assign import assign_tokens
-from fssdp.dispatch import CallStats, Exchange, Tie, exchange_compute
-from fssdp.ep import gather_counts, local_index
+from fssdp.counts import CountExchange
+from fssdp.dispatch import CallStats, Tie, exchange_compute
+from fssdp.ep import local_index
 from fssdp.policy import PlacementPolicy
 from fssdp.precision import rows, weights
 from fssdp.recompute import recompute_counts, replaying
@@ -74,11 +76,12 @@ class FSSDPExecutor:
         bank: ExpertBank,
         policy: PlacementPolicy,
         replicas: Replicas,
-        ex: Exchange,
+        counts: CountExchange,
         rematerialize: bool,
         compute_dtype: torch.dtype | None = None,
     ) -> None:
-        self.bank, self.policy, self.replicas, self.ex = bank, policy, replicas, ex
+        self.bank, self.policy, self.replicas, self.ex = bank, policy, replicas, counts.ex
+        self.count_exchange = counts  # the per-call count matrices ([Note: announced routing])
         self.rematerialize = rematerialize
         # bf16: owners compute with casts of their rows, replicas arrive in bf16
         # ([Note: mixed precision of experts] in fssdp/precision.py)
@@ -138,7 +141,7 @@ class FSSDPExecutor:
     # -- the call -----------------------------------------------------------------------------
     def __call__(self, bank: ExpertBank, x_ND: Tensor, expert_N: Tensor) -> Tensor:
         ex = self.ex
-        counts_WE = recompute_counts(lambda: gather_counts(ex, bank, expert_N))
+        counts_WE = recompute_counts(lambda: self.count_exchange.gather(expert_N))
         if replaying():
             return self._recompute(bank, x_ND, expert_N, counts_WE)
         if self.prepass:  # the step's statistics pre-pass: its counts plan the step

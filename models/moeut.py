@@ -229,10 +229,14 @@ class SwitchHead(nn.Module):
         logits_THA = logits_THA + self.skew_A.to(dt)
         return sigma_route(logits_THA, self.top_k, self.dropout, self.training)
 
-    def _bank_ids(self, rt: Routing, bank: ExpertBank, ctx: MoEContext, batch: int) -> Tensor:
-        """Global expert ids h·A + e [T, H, K]; records the bank's load."""
+    def _ids(self, rt: Routing) -> Tensor:
+        """Global expert ids h·A + e [T, H, K] (head h owns bank experts h·A .. h·A + A − 1)."""
         offset_H1 = torch.arange(self.n_heads, device=rt.expert_TK.device)[:, None] * self.n_exp
-        ids_THK = rt.expert_TK + offset_H1  # head h owns bank experts h·A .. h·A + A − 1
+        return rt.expert_TK + offset_H1
+
+    def _bank_ids(self, rt: Routing, bank: ExpertBank, ctx: MoEContext, batch: int) -> Tensor:
+        """Global expert ids [T, H, K]; records the bank's load."""
+        ids_THK = self._ids(rt)
         T = ids_THK.shape[0]
         flat = Routing(
             ids_THK.reshape(T, -1),
@@ -279,6 +283,9 @@ class SwitchHead(nn.Module):
         if self.n_exp > 1:
             v_rt, o_rt = self._route(xn_TD, self.sel_v), self._route(xn_TD, self.sel_o)
             logits = {"att_v": v_rt.logits_TE, "att_o": o_rt.logits_TE}
+            # W_o's experts are chosen now: the runtime may start their exchange behind V and
+            # attention (same ids as `_outputs` computes)
+            self.o.announce(self._ids(o_rt).reshape(-1))
             v_THd = self._values(x_BSD.reshape(T, D), v_rt, ctx, B)
         else:
             v_THd = self.v(x_BSD).view(T, H, dh)

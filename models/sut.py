@@ -184,6 +184,7 @@ class MixtureOfAttention(nn.Module):
         ctx.add_load(self.q.bank_name, counts_E)  # the same rows go through W_q and W_o
         ctx.add_load(self.o.bank_name, counts_E)
         ids_N = routing.expert_TK.reshape(-1)
+        self.o.announce(ids_N)  # W_o's rows are known now: the runtime may start its exchange
         q_AKe = self.q(xa_AD.repeat_interleave(K, dim=0), ids_N).view(-1, K, Hh * dh)
         att_AKe = self._attend(q_AKe * dh**-0.5, k_BHSd, v_BHSd, idx_A, (B, S), past)
         y_AKD = self.o(att_AKe.reshape(-1, Hh * dh), ids_N).view(-1, K, D)

@@ -2,16 +2,19 @@
 
     python -m perf.bench_count_exchange [--out DIR] [--steps N]
 
-Each bank call of ep/fssdp all-gathers the [W, E] count matrix (fssdp/ep.py, fssdp/executor.py)
-before the token all-to-all; MoEUT calls each bank R times a step. This times those calls
-in-process at world 2 (gloo, one thread per rank): seconds inside `all_gather_counts` (which
-includes waiting for the slowest rank to arrive) over the step time, per model and strategy.
-Writes `bench_count_exchange.json`.
+Each bank call of ep/fssdp all-gathers the [W, E] count matrix (fssdp/counts.py) before the
+token all-to-all; MoEUT calls each bank R times a step. This times the exchange in-process at
+world 2 (gloo, one thread per rank): seconds inside `CountExchange.gather` and `.announce`
+(issue and wait, which includes waiting for the slowest rank to arrive) over the step time, per
+model and strategy, with the models' early announcements ([Note: announced routing]) off and
+on. Writes `bench_count_exchange.json` (`announced_calls`: calls whose exchange was issued
+early).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -25,29 +28,38 @@ CASES = [
 ]
 
 
-def _job(rank: int, world: int, overrides: list[str], steps: int) -> tuple[float, float, int]:
-    import fssdp.ep as fe
-    import fssdp.executor as fx
+def _job(rank: int, world: int, overrides: list[str], steps: int, announce: bool) -> tuple:
+    from fssdp.counts import CountExchange
+    from models.common.experts import ExpertBank
     from tests.support.parity import train_capture
 
-    spent = [0.0, 0]
-    orig = fx.all_gather_counts
+    spent = [0.0, 0, 0]  # seconds in the count exchange, calls, calls announced early
+    gather, early = CountExchange.gather, CountExchange.announce
 
-    def timed(*a: Any, **k: Any) -> Any:
+    def timed(self: CountExchange, expert_N: Any) -> Any:
         t0 = time.perf_counter()
-        out = orig(*a, **k)
+        announced = self._announced is not None
+        out = gather(self, expert_N)
         spent[0] += time.perf_counter() - t0
         spent[1] += 1
+        spent[2] += announced
         return out
 
-    fx.all_gather_counts = fe.all_gather_counts = timed
+    def timed_announce(self: CountExchange, expert_N: Any) -> None:
+        t0 = time.perf_counter()
+        early(self, expert_N)
+        spent[0] += time.perf_counter() - t0
 
-    def probe(trainer: Any) -> tuple[float, float, int]:
-        spent[0], spent[1] = 0.0, 0
+    CountExchange.gather, CountExchange.announce = timed, timed_announce  # type: ignore[method-assign]
+    if not announce:  # every call gathers its counts when it runs (the code before announcing)
+        ExpertBank.announce = lambda self, expert_N: None  # type: ignore[method-assign]
+
+    def probe(trainer: Any) -> tuple[float, float, int, int]:
+        spent[:] = [0.0, 0, 0]
         t0 = time.perf_counter()
         for _ in range(steps):
             trainer.train_step()
-        return time.perf_counter() - t0, spent[0], spent[1]
+        return time.perf_counter() - t0, spent[0], spent[1], spent[2]
 
     extra = ["train.dtype=float32", "train.phase_timing=false", "train.global_batch_size=8"]
     return train_capture(rank, world, overrides + extra, 1, probe=probe)["probe"]
@@ -60,11 +72,13 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     rows = []
     for name, ov in CASES:
-        for strategy in ("fssdp", "ep"):
-            res = run_distributed(_job, 2, [*ov, f"parallel={strategy}"], args.steps, timeout_s=900)
-            step_s, count_s, calls = max(res, key=lambda r: r[1])
-            rows.append({"model": name, "strategy": strategy, "world": 2, "steps": args.steps,
-                         "step_s": step_s, "count_exchange_s": count_s, "calls": calls,
+        for strategy, announce in itertools.product(("fssdp", "ep"), (False, True)):
+            ov_s = [*ov, f"parallel={strategy}"]
+            res = run_distributed(_job, 2, ov_s, args.steps, announce, timeout_s=900)
+            step_s, count_s, calls, early = max(res, key=lambda r: r[1])
+            rows.append({"model": name, "strategy": strategy, "announce": announce, "world": 2,
+                         "steps": args.steps, "step_s": step_s, "count_exchange_s": count_s,
+                         "calls": calls, "announced_calls": early,
                          "share": count_s / step_s})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ class EPParallel(ExpertSharded):
         super().__init__(model, cfg, topology, units, owners)
         self.executors = {
             name: EPExecutor(
-                bank, self.owner_tensor(name), self.exchanges[name], self.compute_dtype
+                bank, self.owner_tensor(name), self.count_exchanges[name], self.compute_dtype
             )
             for name, bank in self.banks.items()
         }

@@ -73,7 +73,7 @@ class FSSDPParallel(ExpertSharded):
                 bank,
                 self.policies[name],
                 replicas,
-                self.exchanges[name],
+                self.count_exchanges[name],
                 cfg.rematerialize,
                 self.compute_dtype,
             )

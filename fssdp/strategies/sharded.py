@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from collectives.placement import Topology
 from fssdp.config import ParallelConfig
+from fssdp.counts import CountExchange
 from fssdp.dense import shard_dense
 from fssdp.dispatch import CallStats, Exchange
 from fssdp.expert_params import shard_bank
@@ -46,6 +47,14 @@ class ExpertSharded(Parallelized):
         for name, bank in self.banks.items():
             shard_bank(bank, [e for e, r in enumerate(owners[name]) if r == self.rank])
         self.exchanges = {name: self._exchange(name) for name in self.banks}
+        # Each bank's per-call count matrices; the model may announce a call's routing early
+        # ([Note: announced routing] in fssdp/counts.py).
+        self.count_exchanges = {
+            name: CountExchange(self.exchanges[name], bank.num_experts)
+            for name, bank in self.banks.items()
+        }
+        for name, bank in self.banks.items():
+            bank.announcer = self.count_exchanges[name].announce
         experts = self.sharded_params()
         ids = {id(p) for p in experts}
         self._dense_bytes = sum(

@@ -47,6 +47,8 @@ class ExpertBank(nn.Module):
         self.out_features = out_features
         # Set by the runtime (fssdp.parallelize); None means "run here with my own weights".
         self.executor: BankExecutor | None = None
+        # Set by the runtime where an early routing helps (fssdp/counts.py); None: nothing to do.
+        self.announcer: Callable[[Tensor], None] | None = None
         # Global name of the bank (its qualified module name), set by `name_banks`; keys
         # placement, metrics and checkpoints.
         self.bank_name: str = ""
@@ -109,6 +111,13 @@ class ExpertBank(nn.Module):
         if self.executor is None:
             return self.compute(self.stacked(), x_ND, expert_N)
         return self.executor(self, x_ND, expert_N)
+
+    def announce(self, expert_N: Tensor) -> None:
+        """Tell the runtime the expert ids of this bank's next call, as soon as they are known
+        (before other work the runtime may overlap, e.g. attention). The next call must use
+        exactly these ids. A no-op when the bank runs here."""
+        if self.announcer is not None:
+            self.announcer(expert_N)
 
     def expert_numel(self) -> int:
         """Elements of one expert (all its parameters): the unit the runtime moves."""

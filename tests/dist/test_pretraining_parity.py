@@ -6,10 +6,10 @@ no second one for a recomputation unless `parallel.rematerialize`) and the spRS 
 optimizer step, not per micro-batch: the sparse collectives are counted.
 
 The default run covers every family under fssdp (accumulation and checkpointing together) and
-every strategy on gpt_moe; the slow test runs every strategy x family at world 2 (2
-micro-batches) and world 4 (3 micro-batches), each case with full or selective checkpointing
-in turn so that every family and every strategy meets both, and `none` at world 1 (3
-micro-batches)."""
+every strategy on gpt_moe; the slow tests run every strategy x family at world 2 (2
+micro-batches) and world 4 (3 micro-batches), in parts, each case with full or selective
+checkpointing in turn so that every family and every strategy meets both, and `none` at world 1
+(3 micro-batches)."""
 
 from __future__ import annotations
 
@@ -145,12 +145,16 @@ def _check_sync_once(name: str, cap: dict[str, Any], micro_batches: int) -> None
         assert refills == micro_batches * calls["spag"], (name, calls)
 
 
+def _check_fssdp_sync(got: dict[str, Any]) -> None:
+    for name, cap in got.items():
+        if "fssdp" in name:
+            _check_sync_once(name, cap, 3 if "/mb3+" in name else 2)
+
+
 def test_accumulation_and_checkpointing_match_and_sync_once(reference: dict[str, Any]) -> None:
     got = run_distributed(_capture, 2, FAST, timeout_s=600)[0]
     _check(reference, got, 2)
-    for name, cap in got.items():
-        if "fssdp" in name:
-            _check_sync_once(name, cap, 2)
+    _check_fssdp_sync(got)
 
 
 def test_micro_batch_statistics_keep_the_cross_entropy(reference: dict[str, Any]) -> None:
@@ -176,19 +180,30 @@ def _paired(micro: list[str], tag: str, strategies: list[str]) -> dict[str, list
 
 
 @pytest.mark.slow
-def test_every_strategy_family_and_mode(reference: dict[str, Any]) -> None:
+def test_every_family_without_parallelism_world_1(reference: dict[str, Any]) -> None:
     none = {}
     for i, (f, ov) in enumerate(FAMILIES.items()):  # full and selective in turn
         mode, ck = ("full", FULL) if i % 2 == 0 else ("selective", SELECTIVE)
         none[f"{f}/none/mb3+{mode}"] = [*ov, "parallel=none", "train.micro_batch_size=4", *ck]
     _check(reference, run_distributed(_capture, 1, none, timeout_s=1800)[0], 1)
-    got = run_distributed(_capture, 2, _paired(MB2, "mb2", list(STRATEGIES)), timeout_s=1800)[0]
-    _check(reference, got, 2)
-    # world 4: 3 sequences per rank, 3 micro-batches; fssdp's predict mode ran at world 2
-    no_predict = [s for s in STRATEGIES if s != "fssdp_predict"]
-    world4 = _paired(["train.micro_batch_size=1"], "mb3", no_predict)
-    got4 = run_distributed(_capture, 4, world4, timeout_s=1800)[0]
-    _check(reference, got4, 4)
-    for name, cap in [*got.items(), *got4.items()]:
-        if "fssdp" in name:
-            _check_sync_once(name, cap, 3 if "/mb3+" in name else 2)
+
+
+# The slow matrix in parts the two test workers can share (one test of 150 s was the suite's
+# tail): world 2 every strategy, world 4 every strategy but predict (it ran at world 2), each
+# part a few families.
+PARTS = {"gpt_moe+moeut": ("gpt_moe", "moeut"), "sut+umoe+jamba": ("sut", "umoe", "jamba")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("part", list(PARTS))
+def test_every_strategy_family_and_mode(reference: dict[str, Any], world: int, part: str) -> None:
+    if world == 2:
+        cases = _paired(MB2, "mb2", list(STRATEGIES))
+    else:  # 3 sequences per rank, 3 micro-batches
+        no_predict = [s for s in STRATEGIES if s != "fssdp_predict"]
+        cases = _paired(["train.micro_batch_size=1"], "mb3", no_predict)
+    cases = {n: ov for n, ov in cases.items() if n.split("/")[0] in PARTS[part]}
+    got = run_distributed(_capture, world, cases, timeout_s=1800)[0]
+    _check(reference, got, world)
+    _check_fssdp_sync(got)
