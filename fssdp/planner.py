@@ -33,6 +33,7 @@ __all__ = [
     "free_slots",
     "overlap_degree",
     "plan_exact",
+    "plan_exact_if_it_pays",
     "plan_placement",
     "plan_placement_banks",
 ]
@@ -177,6 +178,39 @@ def plan_exact(counts_WE: Any, ownership: Placement, topology: Topology, m: int)
         as_counts(counts, ownership.world_size, ownership.num_experts)
         return ownership
     return plan_exact_t(counts, ownership.to(counts.device), topology, m)
+
+
+def plan_exact_if_it_pays(
+    counts_WE: Any,
+    ownership: Placement,
+    topology: Topology,
+    m: int,
+    expert_bytes: int,
+    bandwidth_bytes_per_s: float,
+    time_per_row_s: float,
+) -> Placement:
+    """`plan_exact` where replication pays, else `ownership` ([Note: when replication pays] in
+    fssdp/policy.py): first the best case (the busiest rank down to the mean) against one copy,
+    in O(W E) with no planning; then the exact candidates priced as by `calibrate`."""
+    _check_topology("plan_exact_if_it_pays", ownership, topology)
+    counts = as_counts(counts_WE, ownership.world_size, ownership.num_experts, signs=False)
+    W = ownership.world_size
+    if m <= 0 or W == 1 or not counts.numel() or bandwidth_bytes_per_s <= 0:
+        as_counts(counts, W, ownership.num_experts)
+        return ownership
+    own = ownership.to(counts.device)
+    per_expert_E = counts.sum(0)
+    load_W = torch.zeros(W, dtype=per_expert_E.dtype, device=counts.device).index_add_(
+        0, own.owner_E, per_expert_E
+    )
+    total, busiest = (int(v) for v in torch.stack([load_W.sum(), load_W.max()]).tolist())
+    best_gain_s = (busiest - -(-total // W)) * time_per_row_s
+    if not best_gain_s > expert_bytes / bandwidth_bytes_per_s:
+        as_counts(counts, W, ownership.num_experts)  # the checks plan_exact would have made
+        return ownership
+    return calibrate_t(
+        own, counts, topology, m, expert_bytes, bandwidth_bytes_per_s, time_per_row_s
+    )
 
 
 def calibrate(

@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from collectives.placement import Placement, Topology
-from fssdp.planner import LoadEstimator, calibrate, overlap_degree, plan_exact, plan_placement
+from fssdp.planner import (
+    LoadEstimator,
+    calibrate,
+    overlap_degree,
+    plan_exact,
+    plan_exact_if_it_pays,
+    plan_placement,
+)
 
 
 @dataclass
@@ -36,6 +43,7 @@ class PlacementPolicy:
 
     mode = "static"
     prefetches = False
+    timed = False  # whether end_step wants the timings agreed over ranks (an all-reduce)
 
     def __init__(self, ownership: Placement, topology: Topology) -> None:
         # P0; replaced when re-sharding moves owners.
@@ -55,19 +63,60 @@ class PlacementPolicy:
         self.ownership = ownership
 
 
+# [Note: when replication pays]
+# Exact mode plans after routing, so whatever it decides is on the critical path: a replica's
+# spAG in forward (and its spRS in backward). Replication can only shorten the step by what it
+# takes off the busiest rank, at most (busiest rank's rows - lam) * time per row, lam the mean
+# rounded up; one copy costs at least expert_bytes / bandwidth. When that best case does not
+# beat one copy (balanced routing, small imbalance, slow links, cheap experts), the bank runs
+# with the ownership placement, as EP: no planning, no transfer. Otherwise the candidates of
+# [Note: exact mode] are priced as in [Note: calibration] (fssdp/plan_exact.py): the gain on
+# the busiest rank against the busiest link's copies, the largest k copies of a candidate for
+# k = all, 1/2, 1/4, 1/8, and the best positive net gain wins (none: ownership). Both sides
+# are forward-only (expert compute per row is timed in forward; backward adds about twice the
+# gain and one spRS per copy), which leans towards not replicating. The two constants are the
+# same on every rank: the bandwidth measured once at start (the slowest rank's), the time per
+# row agreed each step with the other timings (max over ranks), so every rank decides alike.
+# Before the first step is timed, the balancing plan runs as it is.
+
+
 class ExactPolicy(PlacementPolicy):
-    """Plan from the true counts after routing; the transfer is on the critical path."""
+    """Plan from the true counts after routing; the transfer is on the critical path. With
+    `cost_aware`, only where it pays ([Note: when replication pays])."""
 
     mode = "exact"
 
-    def __init__(self, ownership: Placement, topology: Topology, memory_cap: int) -> None:
+    def __init__(
+        self,
+        ownership: Placement,
+        topology: Topology,
+        memory_cap: int,
+        cost_aware: bool = False,
+        row_bytes: int = 0,
+        bandwidth: float = 0.0,
+    ) -> None:
         super().__init__(ownership, topology)
         self.memory_cap = memory_cap
+        self.cost_aware = cost_aware
+        self.timed = cost_aware  # asks for the agreed timings at each step's end
+        self.row_bytes = row_bytes  # bytes of one expert copy on the wire
+        self.bandwidth = bandwidth  # sparse-transfer bytes/s, measured once and agreed
+        self.timing = AgreedTiming()
 
     def after_routing(self, counts_WE: Tensor, prefetched: Placement | None) -> Placement:
         if self.memory_cap <= 0:
             return self.ownership
-        return plan_exact(counts_WE, self.ownership, self.topology, self.memory_cap)
+        tpr = self.timing.time_per_row_s
+        if not self.cost_aware or tpr <= 0 or self.bandwidth <= 0 or self.row_bytes <= 0:
+            return plan_exact(counts_WE, self.ownership, self.topology, self.memory_cap)
+        return plan_exact_if_it_pays(
+            counts_WE, self.ownership, self.topology, self.memory_cap, self.row_bytes,
+            self.bandwidth, tpr,
+        )
+
+    def end_step(self, counts_E: Tensor | None, timing: AgreedTiming) -> None:
+        if timing.time_per_row_s > 0:
+            self.timing.time_per_row_s = timing.time_per_row_s
 
 
 class PredictPolicy(PlacementPolicy):
@@ -76,6 +125,7 @@ class PredictPolicy(PlacementPolicy):
 
     mode = "predict"
     prefetches = True
+    timed = True
 
     def __init__(
         self,

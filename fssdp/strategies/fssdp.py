@@ -84,7 +84,9 @@ class FSSDPParallel(ExpertSharded):
     def _policy(self, name: str) -> PlacementPolicy:
         cfg, own = self.cfg, Placement.from_owners(self.owner[name], self.world)
         if cfg.plan_mode == "exact":
-            return ExactPolicy(own, self.topology, cfg.memory_cap)
+            return ExactPolicy(
+                own, self.topology, cfg.memory_cap, cfg.cost_aware, self._row_bytes(name)
+            )
         cls = PredictPolicy if cfg.plan_mode == "predict" else CalibratePolicy
         return cls(
             own,
@@ -114,10 +116,10 @@ class FSSDPParallel(ExpertSharded):
                 unit.register_forward_pre_hook(lambda mod, args, exs=inside: _prefetch(exs))
 
     def _after_materialize(self) -> None:
-        if any(p.prefetches for p in self.policies.values()) and self.world > 1:
+        if any(p.timed for p in self.policies.values()) and self.world > 1:
             self.bandwidth = self._measure_bandwidth()
             for policy in self.policies.values():
-                if isinstance(policy, PredictPolicy):
+                if isinstance(policy, (PredictPolicy, ExactPolicy)):
                     policy.bandwidth = self.bandwidth
 
     def _measure_bandwidth(self) -> float:
@@ -194,9 +196,10 @@ class FSSDPParallel(ExpertSharded):
     def _agree_timing(self, steps: dict[str, BankStep]) -> dict[str, AgreedTiming]:
         """Overlap time and compute time per row per bank, the same on every rank: the
         planner runs on every rank and must reach the same placement (max over ranks: plan for
-        the slowest). Only policies that plan ahead read them; exact mode skips the all-reduce.
+        the slowest). Only policies that price transfers read them (predict, calibrate, exact
+        when cost-aware); without any, no all-reduce.
         """
-        names = [n for n, p in self.policies.items() if p.prefetches]
+        names = [n for n, p in self.policies.items() if p.timed]
         if not names:
             return {}
         overlap = [steps[n].overlap_s for n in names if steps[n].overlap_s > 0]

@@ -35,10 +35,17 @@ CASES: dict[str, tuple[str, list[str]]] = {
         ["parallel=fssdp", "parallel.plan_mode=predict", "parallel.overlap_degree=2"],
     ),
     "fssdp_rematerialize": ("skewed", ["parallel=fssdp", "parallel.rematerialize=true"]),
-    # overlap degree 0: a predict plan would replicate nothing, exact ignores it (see below).
+    # overlap degree 0: a predict plan would replicate nothing, exact ignores it (see below);
+    # the balancing plan every step (the cost gate, which the default cases run, would find
+    # these tiny experts' rows cheaper than a copy: tests/unit/test_cost_gate.py)
     "fssdp_exact": (
         "two_hot",
-        ["parallel=fssdp", "parallel.plan_mode=exact", "parallel.overlap_degree=0"],
+        [
+            "parallel=fssdp",
+            "parallel.plan_mode=exact",
+            "parallel.overlap_degree=0",
+            "parallel.cost_aware=false",
+        ],
     ),
     "fssdp_calibrate": ("skewed", ["parallel=fssdp", "parallel.plan_mode=calibrate"]),
     "fssdp_spread": (

@@ -26,7 +26,7 @@ IDS = [f"{section}.{rule.key}" for section, rule in RULES]
 NO_RULE = {
     "train": {"resume_fallback", "progress", "phase_timing", "routing_trace", "compile"},
     "data": {"path", "val_path"},
-    "parallel": {"rematerialize"},
+    "parallel": {"rematerialize", "cost_aware"},  # booleans
     "optim": set(),
 }
 SPECS = sorted(model_specs().items())
