@@ -279,6 +279,15 @@ def _agree(run_dir: str) -> str:
     return obj[0]
 
 
+def _leave_together() -> None:
+    """After a run that ended well: one barrier before the process groups are torn down, so no
+    rank destroys its connections while a peer still finishes its last collectives (seen under
+    load: a peer's gloo thread aborting the interpreter, "terminate called without an active
+    exception", after the run had finished and checkpointed)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -288,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         job, run_dir = compose_config(command.overrides)
         run(job, run_dir)
+        _leave_together()
     except UserError as e:
         _stop(str(e))
     except OSError as e:  # a file-system error anywhere (full disk, ESTALE, read-only, removed)
