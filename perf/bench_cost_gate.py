@@ -4,7 +4,7 @@ side by side with EP, in one interleaved run of the real trainer.
     python -m perf.bench_cost_gate [--models gpt_moe_bench moeut_tiny] [--worlds 2]
         [--steps 12] [--warmup 3] [--repeats 2] [--out DIR]
 
-Per (model, world, routing): `ep`, `fssdp` (the default, cost-aware) and `fssdp_always`
+Per (model, world, routing): `ep`, `fssdp` (`parallel.cost_aware=true`) and `fssdp_always`
 (`parallel.cost_aware=false`: the balancing plan every step). Runs as `perf.compare` runs them
 (torchrun, gloo, OMP_NUM_THREADS=1 per rank, metrics.jsonl after the warm-up; repeats
 interleaved, order reversed on odd repeats). Writes DIR/bench_cost_gate.json: per case the
@@ -27,7 +27,11 @@ from perf.compare_cases import Case, Settings
 from perf.compare_stats import measured, summarize
 
 RESULTS = Path(__file__).parent / "results"
-SYSTEMS = {"ep": (), "fssdp": (), "fssdp_always": ("parallel.cost_aware=false",)}
+SYSTEMS = {
+    "ep": (),
+    "fssdp": ("parallel.cost_aware=true",),
+    "fssdp_always": ("parallel.cost_aware=false",),
+}
 
 
 def _run(case: Case, s: Settings, tmp: Path, rep: int) -> list[dict[str, Any]]:
