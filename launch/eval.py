@@ -182,5 +182,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from launch.leave import run_main
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main()
+    run_main(main)

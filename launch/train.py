@@ -281,9 +281,9 @@ def _agree(run_dir: str) -> str:
 
 def _leave_together() -> None:
     """After a run that ended well: one barrier before the process groups are torn down, so no
-    rank destroys its connections while a peer still finishes its last collectives (seen under
-    load: a peer's gloo thread aborting the interpreter, "terminate called without an active
-    exception", after the run had finished and checkpointed)."""
+    rank closes its connections while a peer still finishes its last collectives. (The crash once
+    blamed on that, "terminate called without an active exception" after a finished run, is the
+    finalization race of [Note: leaving without finalization] in launch/leave.py.)"""
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
@@ -374,5 +374,7 @@ def _stop(message: str) -> None:
 
 
 if __name__ == "__main__":
+    from launch.leave import run_main
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main()
+    run_main(main)
