@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     s = Settings(tuple(args.models), tuple(args.worlds), args.steps, args.warmup,
-                 args.repeats, 8, 256, 1.0)  # fmt: skip
+                 args.repeats, 4, 256, 1.0)  # fmt: skip
     todo = [Case(m, w, sys_, r) for m in s.models for w in s.worlds
             for r in ("natural", "skewed") for sys_ in SYSTEMS]  # fmt: skip
     runs: dict[str, list[list[dict[str, Any]]]] = {c.key: [] for c in todo}
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     for case in todo:
         if not runs[case.key]:
             continue
-        fig = summarize(runs[case.key], s.warmup, s.global_batch * s.seq_len)
+        fig = summarize(runs[case.key], s.warmup, s.tokens(case.world))
         recs = [r for run in runs[case.key] for r in measured(run, s.warmup)]
         reps = [sum(sum(v) for v in (r.get("replicas") or {}).values()) for r in recs]
         fig["replicas_per_step"] = statistics.median(reps) if reps else 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-SYSTEM_ORDER = ("fssdp", "fssdp_predict", "ep", "deepspeed", "fsdp", "ddp")
+SYSTEM_ORDER = ("fssdp", "fssdp_gated", "fssdp_predict", "ep", "deepspeed", "fsdp", "ddp")
 COLLECTIVES = ("a2a", "spag", "sprs", "dense")
 
 

@@ -10,7 +10,8 @@ through its engine (ZeRO stage 0, fp32): expert parallelism over all W ranks (ep
 experts per rank), dense gradients all-reduced by the engine, drop_tokens=False (capacity = the
 largest expert's load, so no token is dropped). Writes `<run dir>/metrics.jsonl` records with the
 keys compare reads (step, loss, tokens_per_s, step_time_s, rank_step_time_s, rank_expert_time_s,
-straggler_ratio, comm_bytes, model_state_bytes).
+straggler_ratio, comm_bytes, model_state_bytes); `train.profile_steps=[a,b]` writes
+`<run dir>/profile/rank{r}.json` as `launch.train` does (`python -m perf.profile_breakdown`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from omegaconf import OmegaConf
 
 from launch.dist import all_gather_floats, batch_reducer
 from launch.optim import build_optimizer, set_lr
+from launch.profile import StepProfiler
 from launch.trainer import lm_loss
 from models.common.context import MoEContext
 from perf.ds_model import A2AMeter, build_ds_gpt_moe, install_skew
@@ -89,7 +91,9 @@ def train(cfg: Any, run_dir: Path) -> None:
         if getattr(p, "allreduce", True)
     )
     out = open(run_dir / "metrics.jsonl", "w") if rank == 0 else None
+    profiler = StepProfiler(list(t.profile_steps), run_dir, rank, torch.device("cpu"))
     for step in range(1, t.steps + 1):
+        profiler.before_step(step)
         t0 = time.perf_counter()
         inputs_BS, targets_BS = sampler.next()
         ctx = MoEContext(reducer=reducer)
@@ -100,6 +104,7 @@ def train(cfg: Any, run_dir: Path) -> None:
         set_lr(engine.optimizer, step - 1, t.steps, cfg.optim)
         engine.step()
         dt = time.perf_counter() - t0
+        profiler.after_step(step)
         record = _record(step, float(loss), dt, clock.take(), meter.take(), engine, t, world)
         record["comm_bytes"]["dense"] = 2 * (world - 1) * dense_bytes  # ring all-reduce
         if out is not None and (step % t.log_every == 0 or step in (1, t.steps)):

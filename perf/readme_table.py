@@ -50,6 +50,7 @@ def ratio_table(rep: dict[str, Any]) -> str:
         "fssdp_over_deepspeed",
         "fssdp_over_fsdp",
         "fssdp_over_ddp",
+        "fssdp_gated_over_ep",
         "fssdp_predict_over_ep",
     )
     lines = [

@@ -68,13 +68,20 @@ def gpu_workload(model: str, seqs_per_gpu: int = 8, seq_len: int = 1024) -> Work
     )
 
 
+def _seqs_per_rank(settings: dict[str, Any], world: int) -> int:
+    """Sequences per rank of a compare.json run (older files give the global batch)."""
+    if "batch_per_rank" in settings:
+        return settings["batch_per_rank"]
+    return settings["global_batch"] // world
+
+
 def cpu_workload(settings: dict[str, Any], world: int, num_experts: int = 16) -> Workload:
     """gpt_moe_bench as `perf.compare` ran it (fp32 on the wire)."""
     return Workload(
         d_model=256,
         n_layers=8,
         seq_len=settings["seq_len"],
-        tokens_per_rank=settings["global_batch"] * settings["seq_len"] // world,
+        tokens_per_rank=_seqs_per_rank(settings, world) * settings["seq_len"],
         num_experts=num_experts,
         top_k=2,
         expert_hidden=512,

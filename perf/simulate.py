@@ -98,7 +98,7 @@ def record_e64_traces(traces: Path) -> None:
     from perf.compare import run_once
     from perf.compare_cases import QUICK, Case
 
-    s = replace(QUICK, steps=12, global_batch=16, extra=("model.num_experts=64",))
+    s = replace(QUICK, steps=12, batch_per_rank=8, extra=("model.num_experts=64",))
     for routing in ("natural", "skewed"):
         dst = traces / f"{MODEL}_e64_{routing}.jsonl"
         if dst.exists():

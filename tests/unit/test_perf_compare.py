@@ -10,10 +10,10 @@ import torch
 
 from perf.balanced_train import balanced_route, round_robin_experts
 from perf.compare import build_report, parse
-from perf.compare_cases import QUICK, Case, cases, command
+from perf.compare_cases import QUICK, SYSTEMS, Case, cases, command
 from perf.compare_stats import summarize
 
-TOKENS = QUICK.global_batch * QUICK.seq_len
+TOKENS = QUICK.tokens(2)
 
 
 def fake_run(step_s: float, strag: float, steps: int = QUICK.steps) -> list[dict]:
@@ -44,12 +44,18 @@ STEP_S = {
     "ddp": 1.25,
     "deepspeed": 3.0,
     "fssdp_predict": 0.75,
+    "fssdp_gated": 0.9,
 }
+
+
+bal_key = ("gpt_moe_bench", 2, "ep", "balanced")
 
 
 def test_quick_cases_and_commands(tmp_path) -> None:  # noqa: ANN001
     todo = cases(QUICK)
-    assert len(todo) == 11 and Case("gpt_moe_bench", 2, "ep", "balanced") in todo
+    assert len(todo) == 9 and Case(*bal_key) in todo
+    gated = command(Case("gpt_moe_bench", 2, "fssdp_gated", "skewed"), QUICK, tmp_path)
+    assert "parallel=fssdp" in gated and "parallel.cost_aware=true" in gated
     ds = command(Case("gpt_moe_bench", 2, "deepspeed", "skewed"), QUICK, tmp_path)
     assert ds[ds.index("-m") + 1] == "perf.deepspeed_moe"
     assert f"model.route_skew={QUICK.skew}" in ds and not any(a.startswith("parallel=") for a in ds)
@@ -62,21 +68,30 @@ def test_quick_cases_and_commands(tmp_path) -> None:  # noqa: ANN001
         and "--nproc_per_node=2" in fs
         and "train.routing_trace=true" in fs
     )
-    assert sum(c.system == "fssdp_predict" for c in cases(parse([])[0])) == 4  # full run
+    assert f"train.global_batch_size={2 * QUICK.batch_per_rank}" in fs
+    full = parse([])[0]
+    assert sum(c.system == "fssdp_predict" for c in cases(full)) == 4  # full run
+    assert full.steps - full.warmup >= 30 and full.batch_per_rank * full.seq_len >= 4096
+    w4 = command(Case("gpt_moe_bench", 4, "ep", "skewed"), full, tmp_path)
+    assert f"train.global_batch_size={4 * full.batch_per_rank}" in w4  # tokens per rank fixed
     pred = command(Case("gpt_moe_bench", 2, "fssdp_predict", "skewed"), QUICK, tmp_path)
     assert "parallel=fssdp" in pred and "parallel.plan_mode=predict" in pred
+    some = cases(parse(["--systems", "fssdp", "ep"])[0])
+    assert {c.system for c in some} == {"fssdp", "ep"} and Case(*bal_key) in some
+    assert not any(c.routing == "balanced" for c in cases(parse(["--systems", "fssdp"])[0]))
     moeut = cases(parse(["--models", "moeut_tiny"])[0])
     assert all(c.system not in ("deepspeed", "fssdp_predict") for c in moeut)
 
 
 def test_report_schema_and_ratios() -> None:
+    every = replace(QUICK, systems=tuple(x for x in SYSTEMS if x != "fssdp_predict"))
     raw = {"records": {}, "failed": {}}
-    for c in cases(QUICK):
+    for c in cases(every):
         step = STEP_S[c.system] * (0.8 if c.routing == "balanced" else 1.0)
         raw["records"][c.key] = [fake_run(step, 1.05 if c.system == "fssdp" else 1.9)]
     raw["failed"]["gpt_moe_bench/w2/ddp/natural"] = "exit 1: boom"
     del raw["records"]["gpt_moe_bench/w2/ddp/natural"]
-    report = json.loads(json.dumps(build_report(QUICK, raw, ["--quick"])))  # JSON-clean
+    report = json.loads(json.dumps(build_report(every, raw, ["--quick"])))  # JSON-clean
     assert set(report) >= {"command", "settings", "machine", "cases", "ratios", "targets"}
     case = report["cases"]["gpt_moe_bench/w2/fssdp/skewed"]
     assert case["step_time_s"] == 1.0 and case["tokens_per_s"] == TOKENS  # warm-up dropped
@@ -89,9 +104,22 @@ def test_report_schema_and_ratios() -> None:
     assert r["natural"]["fssdp_over_ddp"] is None  # the failed case
     assert r["fssdp_skewed_step_over_ep_balanced_step"] == pytest.approx(1.0 / 1.2)
     assert r["skewed"]["fssdp_predict_over_ep"] is None  # not in the quick run
+    assert r["skewed"]["fssdp_gated_over_ep"] == pytest.approx(1.5 / 0.9)
     t = report["targets"]["gpt_moe_bench"]
     assert t["fssdp_over_ep>=1.3"] == [pytest.approx(1.5), True]
     assert t["fssdp_straggler<=1.1"][1] is True
+    assert t["skewed_step/ep_balanced_step<=1.05"] == [pytest.approx(1.0 / 1.2), True]
+    every, met = t["fssdp_over_ep>=1.0_everywhere"]
+    assert every == {"w2/natural": pytest.approx(1.5), "w2/skewed": pytest.approx(1.5)} and met
+
+
+def test_spread_of_repeats_and_steps() -> None:
+    runs = [fake_run(1.0, 1.0, steps=12), fake_run(1.2, 1.0, steps=12)]
+    fig = summarize(runs, QUICK.warmup, TOKENS)
+    assert fig["repeat_step_time_s"] == [1.0, 1.2]
+    assert fig["repeat_spread"] == pytest.approx(0.2 / fig["step_time_s"])
+    lo, hi = fig["step_time_p10_p90_s"]
+    assert lo == pytest.approx(1.0) and hi == pytest.approx(1.2)
 
 
 def test_summarize_needs_measured_steps() -> None:
