@@ -67,5 +67,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from launch.leave import run_main
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main(sys.argv[1:])
+    run_main(lambda: main(sys.argv[1:]))

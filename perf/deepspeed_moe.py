@@ -28,6 +28,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from launch.dist import all_gather_floats, batch_reducer
+from launch.metrics import expert_load_imbalance
 from launch.optim import build_optimizer, set_lr
 from launch.profile import StepProfiler
 from launch.trainer import lm_loss
@@ -60,6 +61,16 @@ def _state_bytes(engine: Any) -> int:
     for st in engine.optimizer.state.values():
         total += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v))
     return total
+
+
+def _global(load: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tokens per expert per bank over all ranks (DeepSpeed's gate counts this rank's)."""
+    out = {}
+    for name in sorted(load):
+        c = load[name].to(torch.int64).clone()
+        dist.all_reduce(c)
+        out[name] = c
+    return out
 
 
 def _sum_over_ranks(n: int) -> int:
@@ -106,6 +117,7 @@ def train(cfg: Any, run_dir: Path) -> None:
         dt = time.perf_counter() - t0
         profiler.after_step(step)
         record = _record(step, float(loss), dt, clock.take(), meter.take(), engine, t, world)
+        record["expert_load_imbalance"] = expert_load_imbalance(_global(ctx.expert_load))
         record["comm_bytes"]["dense"] = 2 * (world - 1) * dense_bytes  # ring all-reduce
         if out is not None and (step % t.log_every == 0 or step in (1, t.steps)):
             out.write(json.dumps(record) + "\n")
@@ -156,5 +168,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from launch.leave import run_main
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main(sys.argv[1:])
+    run_main(lambda: main(sys.argv[1:]))

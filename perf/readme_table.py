@@ -66,6 +66,27 @@ def ratio_table(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def window_table(rep: dict[str, Any]) -> str:
+    """Each case's measured window: steps, step time (median, 10th-90th centile), the repeats'
+    spread, and the expert-load imbalance it ran under (max/mean rows, median over steps)."""
+    lines = [
+        "| case | steps | step s (p10-p90) | repeat spread | load imbalance |",
+        "|---|---|---|---|---|",
+    ]
+    for key, c in rep["cases"].items():
+        if "step_time_s" not in c:
+            lines.append(f"| {key} | {c.get('error', 'no figures')} | | | |")
+            continue
+        lo, hi = c.get("step_time_p10_p90_s") or (None, None)
+        spread = c.get("repeat_spread")
+        lines.append(
+            f"| {key} | {c['steps_measured']} | {c['step_time_s']:.3f} ({_f(lo, '{:.3f}')}-"
+            f"{_f(hi, '{:.3f}')}) | {_f(spread, '{:.1%}')} | "
+            f"{_f(c.get('expert_load_imbalance'), '{:.2f}')} |"
+        )
+    return "\n".join(lines)
+
+
 def hecate_table(sim: dict[str, Any]) -> str:
     """Predicted speedup over EP (planner time included, on the critical path)."""
     systems = ("fssdp", "fssdp_predict", "fssdp_lookahead", "fssdp_calibrate", "fastermoe", "fsdp")
@@ -89,6 +110,7 @@ def main() -> None:
         rep = json.loads(cmp_path.read_text())
         print(compare_table(rep), "\n")
         print(ratio_table(rep), "\n")
+        print(window_table(rep), "\n")
     if sim_path.exists():
         print(hecate_table(json.loads(sim_path.read_text())))
 
