@@ -197,6 +197,8 @@ class FSSDPExecutor:
         dev = rows_RS.device
         K = len(bank.expert_ids or ())
         lut_E = local_index(bank.expert_ids or (), bank.num_experts, dev)
+        if not self.replicas.ids:  # no replica here this step: every row is an owned expert's
+            return self._owned_only_fn(bank, lut_E, rows_RS)
         rep_E = local_index(tuple(self.replicas.ids), bank.num_experts, dev)
         key_E = torch.where(lut_E >= 0, lut_E, K + rep_E)  # owned first, then replicas
 
@@ -216,6 +218,18 @@ class FSSDPExecutor:
             inverse_M = torch.empty_like(order_M)
             inverse_M[order_M] = torch.arange(order_M.numel(), device=dev)
             y_MO = y_sorted.index_select(0, inverse_M)
+            return Tie.apply(y_MO, rows_RS) if rows_RS.requires_grad else y_MO
+
+        return compute
+
+    def _owned_only_fn(self, bank: ExpertBank, lut_E: Tensor, rows_RS: Tensor):  # noqa: ANN202
+        """compute(x_MD, expert_M) of a rank that holds no replica: EP's compute (no split into
+        owned and replica rows, no permutation and its inverse), tied to the empty replica leaf
+        so that its gradient hook still starts the step's (empty) reduce."""
+
+        def compute(x_MD: Tensor, expert_M: Tensor) -> Tensor:
+            cdt = self.compute_dtype
+            y_MO = bank.compute(weights(bank.stacked(), cdt), rows(x_MD, cdt), lut_E[expert_M])
             return Tie.apply(y_MO, rows_RS) if rows_RS.requires_grad else y_MO
 
         return compute
