@@ -185,12 +185,17 @@ class FSSDPExecutor:
         own = self.policy.ownership
         owner_E = torch.tensor(own.owner, dtype=torch.long)
         lut_E = local_index(bank.expert_ids or (), bank.num_experts, x_ND.device)
+        compute = self._owned_compute(bank, lut_E)
+        return exchange_compute(self.ex, x_ND, expert_N, StaticRoute(counts_WE, owner_E), compute)
+
+    def _owned_compute(self, bank: ExpertBank, lut_E: Tensor):  # noqa: ANN202
+        """compute(x_MD, expert_M) over owned experts only: EP's compute."""
 
         def compute(x_MD: Tensor, expert_M: Tensor) -> Tensor:
             cdt = self.compute_dtype
             return bank.compute(weights(bank.stacked(), cdt), rows(x_MD, cdt), lut_E[expert_M])
 
-        return exchange_compute(self.ex, x_ND, expert_N, StaticRoute(counts_WE, owner_E), compute)
+        return compute
 
     def _compute_fn(self, bank: ExpertBank, placement: Placement, rows_RS: Tensor):  # noqa: ANN202
         """compute(x_MD, expert_M): owned experts with the parameters, the rest with replicas."""
@@ -226,10 +231,10 @@ class FSSDPExecutor:
         """compute(x_MD, expert_M) of a rank that holds no replica: EP's compute (no split into
         owned and replica rows, no permutation and its inverse), tied to the empty replica leaf
         so that its gradient hook still starts the step's (empty) reduce."""
+        owned = self._owned_compute(bank, lut_E)
 
         def compute(x_MD: Tensor, expert_M: Tensor) -> Tensor:
-            cdt = self.compute_dtype
-            y_MO = bank.compute(weights(bank.stacked(), cdt), rows(x_MD, cdt), lut_E[expert_M])
+            y_MO = owned(x_MD, expert_M)
             return Tie.apply(y_MO, rows_RS) if rows_RS.requires_grad else y_MO
 
         return compute

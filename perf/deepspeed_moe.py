@@ -64,13 +64,14 @@ def _state_bytes(engine: Any) -> int:
 
 
 def _global(load: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Tokens per expert per bank over all ranks (DeepSpeed's gate counts this rank's)."""
-    out = {}
-    for name in sorted(load):
-        c = load[name].to(torch.int64).clone()
-        dist.all_reduce(c)
-        out[name] = c
-    return out
+    """Tokens per expert per bank over all ranks (DeepSpeed's gate counts this rank's): one
+    all-reduce of the banks' counts side by side."""
+    names = sorted(load)
+    if not names:
+        return {}
+    counts_BE = torch.stack([load[n].to(torch.int64) for n in names])
+    dist.all_reduce(counts_BE)
+    return dict(zip(names, counts_BE.unbind(0)))
 
 
 def _sum_over_ranks(n: int) -> int:
