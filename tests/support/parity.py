@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from launch.build import build_trainer
 from launch.dist import DistInfo
@@ -30,29 +32,52 @@ BASE = [
 ]
 
 
+def _part(p: Any, g: torch.Tensor | None, rank: int) -> tuple[Any, torch.Tensor | None]:
+    """(where in the full tensor this rank's part goes, the part, or None: nothing from here).
+    Zeros elsewhere and the parts summed over ranks give the full gradient exactly."""
+    if not isinstance(p, DTensor):
+        return (), g if rank == 0 else None  # replicated (or world 1): rank 0's copy
+    if g is None or p.device_mesh.get_coordinate() is None:
+        return (), None
+    if not all(isinstance(x, Shard | Replicate) for x in g.placements):
+        full = g.full_tensor()  # e.g. Partial: assembled by DTensor, on every rank
+        return (), full if rank == 0 else None
+    coord = p.device_mesh.get_coordinate()
+    if any(c and isinstance(x, Replicate) for c, x in zip(coord, g.placements)):
+        return (), None  # a replica: the copy at coordinate 0 is the one summed
+    shape, off = compute_local_shape_and_global_offset(p.shape, p.device_mesh, g.placements)
+    return tuple(slice(o, o + n) for o, n in zip(off, shape)), g.to_local()
+
+
 def full_grads(par: Any) -> dict[str, torch.Tensor]:
     """Every parameter's gradient as a full tensor (zeros where a parameter got none).
 
-    FSDP2's DTensors are assembled by `full_tensor()`; the sharded experts of ep/fssdp (rows of
-    the owned experts, `bank.expert_ids`) by summing zero-padded rows over ranks."""
+    FSDP2's DTensor shards and the sharded experts of ep/fssdp (rows of the owned experts,
+    `bank.expert_ids`) are written into zero tensors of the full shape and summed over ranks
+    in one all-reduce (one `full_tensor()` per parameter was most of a parity test's time);
+    replicated gradients come from rank 0. The sum only adds zeros, so it is exact."""
     banks = {m.bank_name: m for m in par.model.modules() if isinstance(m, ExpertBank)}
-    out = {}
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    out, dtypes = {}, {}
     for name, p in par.model.named_parameters():
-        g = p.grad
+        g = None if p.grad is None else p.grad.detach()
         bank = banks.get(name.rsplit(".", 1)[0])
         if bank is not None and bank.expert_ids is not None:
-            full = torch.zeros(bank.num_experts, *p.shape[1:], dtype=p.dtype)
-            if g is not None:
-                full[torch.tensor(bank.expert_ids, dtype=torch.long)] = g.detach()
-            if dist.is_initialized():
-                dist.all_reduce(full)
-            out[name] = full
-            continue
-        if g is not None and hasattr(g, "full_tensor"):
-            g = g.full_tensor()
-        shape = p.full_tensor().shape if hasattr(p, "full_tensor") else p.shape
-        out[name] = torch.zeros(shape, dtype=p.dtype) if g is None else g.detach().clone()
-    return {k: out[k] for k in sorted(out)}
+            shape = (bank.num_experts, *p.shape[1:])
+            where: Any = torch.tensor(bank.expert_ids, dtype=torch.long)
+        else:
+            shape, (where, g) = p.shape, _part(p, g, rank)
+        full = torch.zeros(shape, dtype=torch.float64)
+        if g is not None:
+            full[where] = g.to(torch.float64)
+        out[name], dtypes[name] = full, p.dtype
+    if world > 1:
+        flat = torch.cat([t.reshape(-1) for t in out.values()])
+        dist.all_reduce(flat)
+        parts = flat.split([t.numel() for t in out.values()])
+        out = {k: v.view_as(t) for (k, t), v in zip(out.items(), parts)}
+    return {k: out[k].to(dtypes[k]) for k in sorted(out)}
 
 
 def train_capture(
