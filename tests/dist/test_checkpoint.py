@@ -27,6 +27,7 @@ from launch.export import main as export_main
 from launch.train import compose_config
 from models.registry import build_model
 from tests.support.harness import run_distributed
+from tests.support.shared import shared
 
 STEPS = 4  # every job's schedule; checkpoints are taken at step 2
 BASE = [
@@ -100,7 +101,10 @@ SOURCE = {name: src for _, jobs in SESSIONS for name, _, src, _ in jobs if src}
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[float]]]:
-    root = tmp_path_factory.mktemp("ckpt")
+    return shared(tmp_path_factory, "checkpoint-runs", _sessions)  # read, never changed
+
+
+def _sessions(root: Path) -> tuple[Path, dict[str, list[float]]]:
     losses: dict[str, list[float]] = {}
     for world, jobs in SESSIONS:
         specs = [

@@ -20,6 +20,7 @@ import pytest
 
 from tests.support.harness import run_distributed
 from tests.support.parity import assert_matches, train_capture
+from tests.support.shared import shared
 
 STEPS = 2
 GBS = ["train.global_batch_size=12"]
@@ -97,8 +98,9 @@ def _reference_cases() -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def reference() -> dict[str, Any]:
-    return run_distributed(_capture, 1, _reference_cases())[0]
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    make = lambda _: run_distributed(_capture, 1, _reference_cases())[0]  # noqa: E731
+    return shared(tmp_path_factory, "pretraining-parity-ref", make)
 
 
 # Every family under fssdp with 2 micro-batches and checkpointing (rematerialize on some), and

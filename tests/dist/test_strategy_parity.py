@@ -14,6 +14,7 @@ import pytest
 
 from tests.support.harness import run_distributed
 from tests.support.parity import assert_matches, train_capture
+from tests.support.shared import shared
 
 STEPS = 5
 MODELS = {
@@ -112,8 +113,10 @@ def _probe(trainer: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def reference() -> dict[str, Any]:
-    return run_distributed(_reference, 1)[0]
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return shared(
+        tmp_path_factory, "strategy-parity-ref", lambda _: run_distributed(_reference, 1)[0]
+    )
 
 
 def test_reference_cases_are_what_they_claim(reference: dict[str, Any]) -> None:

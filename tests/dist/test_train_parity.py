@@ -6,6 +6,7 @@ import pytest
 
 from tests.support.harness import run_distributed
 from tests.support.parity import assert_matches, train_capture
+from tests.support.shared import shared
 
 STEPS = 4
 CASES = {
@@ -22,8 +23,10 @@ def _all_cases(rank: int, world: int, strategy: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference() -> dict:
-    return run_distributed(_all_cases, 1, "none")[0]
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return shared(
+        tmp_path_factory, "train-parity-ref", lambda _: run_distributed(_all_cases, 1, "none")[0]
+    )
 
 
 @pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])

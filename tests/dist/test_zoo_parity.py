@@ -9,6 +9,7 @@ import pytest
 
 from tests.support.harness import run_distributed
 from tests.support.parity import assert_matches, train_capture
+from tests.support.shared import shared
 
 STEPS = 3
 FAMILIES = {
@@ -26,8 +27,10 @@ def _all(rank: int, world: int, strategy: list[str]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def reference() -> dict[str, Any]:
-    return run_distributed(_all, 1, ["parallel=none"])[0]
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return shared(
+        tmp_path_factory, "zoo-parity-ref", lambda _: run_distributed(_all, 1, ["parallel=none"])[0]
+    )
 
 
 @pytest.mark.slow

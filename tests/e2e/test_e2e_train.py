@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.launch import read_metrics, torchrun
+from tests.support.shared import shared
 
 SMALL = [
     "train.steps=6",
@@ -33,19 +34,17 @@ REQUIRED_KEYS = {
 }
 
 
-
-
-
-
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("e2e") / "run"
+def _train(where: Path) -> Path:
+    run = where / "run"
     p = torchrun(2, [*SMALL, f"hydra.run.dir={run}"])
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     assert "open tensorboard" in p.stdout and str(run) in p.stdout
     return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return shared(tmp_path_factory, "e2e-train-run", _train)  # read or copied, never changed
 
 
 def test_run_directory_contents(run_dir: Path) -> None:
