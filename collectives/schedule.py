@@ -331,6 +331,60 @@ def tree_from(d: Diff, topo: Topology | None = None) -> Schedule:
     return Schedule.from_round_index(xfer, rnd[order])
 
 
+def _binomial(g: np.ndarray, r: np.ndarray, root_N: np.ndarray, G: int, W: int) -> tuple:
+    """[Note: binomial relay]'s closed form for groups g (members sorted by group, in tree
+    order; root_N each member's group root): (sender, round) of every member."""
+    cnt = np.bincount(g, minlength=G)
+    start = np.cumsum(cnt) - cnt
+    pos = np.arange(g.size, dtype=np.int64) - start[g] + 1
+    low = pos & -pos
+    bits = _bit_lengths(W)
+    src_pos = pos - low
+    src = np.where(src_pos == 0, root_N, r[np.maximum(start[g] + src_pos - 1, 0)])
+    return src, bits[cnt[g]] - bits[low]
+
+
+def tree_nodes_from(d: Diff, topo: Topology | None = None) -> Schedule:
+    """Binomial trees over one relay per node, then inside each node (spAG direction).
+
+    # [Note: node relays]
+    The binomial tree of [Note: binomial relay] serves far halves first, so an owner whose node
+    has few new holders sends one copy across nodes per round (an expert for the 4 ranks of
+    another node crosses the NIC 3 times). Here each expert's copies cross nodes once per
+    receiving node: stage 1 is a binomial tree over the owner and one relay per other node with
+    new holders (the first of them by cyclic rank distance from the owner); stage 2, from round
+    R1 on (R1 = stage 1's rounds), a binomial tree inside every node from its relay (the owner
+    in its own node) to the node's other new holders. On one node, or without a topology, it
+    is `tree_from`'s schedule.
+    """
+    if topo is None or topo.num_nodes == 1 or not d.expert_N.size:
+        return tree_from(d, topo)
+    E, W, N, R = d.num_experts, d.world_size, topo.num_nodes, topo.ranks_per_node
+    if int(d.rank_N.max()) >= topo.world_size:
+        raise ValueError(f"Topology: rank {int(d.rank_N.max())} out of range [0, {W})")
+    e, r, o = d.expert_N, d.rank_N, d.owner_N
+    order = np.argsort((e * N + (r // R - o // R) % N) * W + (r - o) % W)
+    e, r, o = e[order], r[order], o[order]
+    node, home = r // R, o // R
+    group = e * N + node  # contiguous after the sort
+    relay = np.r_[True, group[1:] != group[:-1]] & (node != home)
+    src1, rnd1 = _binomial(e[relay], r[relay], o[relay], E, W)
+    stage1 = int(rnd1.max()) + 1 if rnd1.size else 0
+    rest = ~relay
+    relay_of = np.full(E * N, -1, dtype=np.int64)
+    relay_of[group[relay]] = r[relay]
+    g2 = group[rest]
+    root = np.where(node[rest] == home[rest], o[rest], relay_of[g2])
+    inv = np.cumsum(np.r_[True, g2[1:] != g2[:-1]]) - 1 if g2.size else g2  # in sort order
+    src2, rnd2 = _binomial(inv, r[rest], root, int(inv.max()) + 1 if inv.size else 0, W)
+    xe = np.concatenate([e[relay], e[rest]])
+    xs = np.concatenate([src1, src2])
+    xd = np.concatenate([r[relay], r[rest]])
+    xr = np.concatenate([rnd1, rnd2 + stage1])
+    by = np.lexsort((xd, xs, xe, xr))  # round, then expert, sender, receiver
+    return Schedule.from_round_index(np.stack([xe, xs, xd], 1)[by], xr[by])
+
+
 def direct_schedule(small: Placement, big: Placement) -> Schedule:
     return direct_from(Diff.of(small, big))
 

@@ -29,6 +29,10 @@ class ParallelConfig:
     # predict: plan ahead from the load estimate; calibrate: predict, then top up with true counts.
     plan_mode: str = "exact"  # exact | predict | calibrate
     memory_cap: int = 2  # m: extra expert slots per rank, per bank
+    # exact mode on more than one node: replicas per rank (of m) given first to the experts a
+    # node's own tokens use most ([Note: node-local replicas] in fssdp/plan_local.py);
+    # -1 = m - 1 (at most m - 1: one slot per rank stays for balancing), 0 = off.
+    node_local_slots: int = -1
     # true: exact mode replicates only where the rows it levels cost more time than the copies
     # ([Note: when replication pays] in fssdp/policy.py); false: always the balancing plan.
     # Off by default until its runs are understood (README "Performance").
@@ -37,7 +41,7 @@ class ParallelConfig:
     load_window: int = 5  # w: iterations in the sliding-window load estimate
     rematerialize: bool = False  # free replicas after forward, gather again before backward
     reshard_every: int = 100  # K: heterogeneous re-sharding period in steps (0 = never)
-    collective_algorithm: str = "auto"  # sparse collectives: auto | a2a | tree
+    collective_algorithm: str = "auto"  # sparse collectives: auto | a2a | tree | tree_nodes
 
 
 # Checked by launch/validation.py before any rank starts; each rule's `bad` value is tested.
@@ -47,8 +51,9 @@ RULES = (
     at_least("ranks_per_node", 0, "e.g. {key}=0 (from torchrun)", note="0 = from torchrun"),
     one_of("plan_mode", PLAN_MODES, "e.g. {key}=exact"),
     at_least("memory_cap", 0, "e.g. {key}=2 (extra expert slots per rank per bank)"),
+    at_least("node_local_slots", -1, "e.g. {key}=-1", note="-1 = memory_cap - 1, 0 = off"),
     at_least("overlap_degree", -1, "e.g. {key}=-1", note="-1 = from measured timings"),
     at_least("load_window", 1, "e.g. {key}=5"),
     at_least("reshard_every", 0, "e.g. {key}=100", note="0 = never"),
-    one_of("collective_algorithm", ("auto", "a2a", "tree")),
+    one_of("collective_algorithm", ("auto", "a2a", "tree", "tree_nodes")),
 )

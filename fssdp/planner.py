@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -25,10 +26,12 @@ from torch import Tensor
 from collectives.placement import Placement, Topology
 from fssdp.assign import as_counts
 from fssdp.plan_exact import calibrate_t, plan_exact_t
+from fssdp.plan_local import Locality, node_local_replicas
 from fssdp.plan_predict import plan_placement_banks as _predict_banks
 
 __all__ = [
     "LoadEstimator",
+    "Locality",
     "calibrate",
     "free_slots",
     "overlap_degree",
@@ -165,11 +168,19 @@ def plan_placement_banks(
 # -- exact placement (after routing) and calibration ------------------------------------------
 
 
-def plan_exact(counts_WE: Any, ownership: Placement, topology: Topology, m: int) -> Placement:
+def plan_exact(
+    counts_WE: Any,
+    ownership: Placement,
+    topology: Topology,
+    m: int,
+    locality: Locality | None = None,
+) -> Placement:
     """Placement ⊇ ownership that balances rows per rank for the true counts (after routing).
 
-    At most m replicas per rank (replicas already in `ownership` count). Never worse than
-    `ownership` in max rows per rank; carries the rows it planned per holder
+    At most m replicas per rank (replicas already in `ownership` count). With `locality` and
+    more than one node, the node-local replicas come first ([Note: node-local replicas] in
+    fssdp/plan_local.py; at most min(m - 1, locality.slots) per rank). Never worse in max rows per
+    rank than the placement balancing starts from; carries the rows it planned per holder
     ([Note: planned rows] in fssdp/quotas.py). See [Note: exact mode] in fssdp/plan_exact.py.
     """
     _check_topology("plan_exact", ownership, topology)
@@ -177,7 +188,11 @@ def plan_exact(counts_WE: Any, ownership: Placement, topology: Topology, m: int)
     if m <= 0 or ownership.world_size == 1 or ownership.num_experts == 0:
         as_counts(counts, ownership.world_size, ownership.num_experts)
         return ownership
-    return plan_exact_t(counts, ownership.to(counts.device), topology, m)
+    base = ownership.to(counts.device)
+    if locality is not None and topology.num_nodes > 1:
+        slots = min(m - 1, locality.slots)  # one slot per rank stays for balancing
+        base = node_local_replicas(counts, base, topology, replace(locality, slots=slots))
+    return plan_exact_t(counts, base, topology, m)
 
 
 def plan_exact_if_it_pays(

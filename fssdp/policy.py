@@ -22,6 +22,7 @@ from torch import Tensor
 from collectives.placement import Placement, Topology
 from fssdp.planner import (
     LoadEstimator,
+    Locality,
     calibrate,
     overlap_degree,
     plan_exact,
@@ -94,9 +95,12 @@ class ExactPolicy(PlacementPolicy):
         cost_aware: bool = False,
         row_bytes: int = 0,
         bandwidth: float = 0.0,
+        locality: Locality | None = None,
     ) -> None:
         super().__init__(ownership, topology)
         self.memory_cap = memory_cap
+        # node-local replicas before balancing (None: balance only); used with > 1 node
+        self.locality = locality
         self.cost_aware = cost_aware
         self.timed = cost_aware  # asks for the agreed timings at each step's end
         self.row_bytes = row_bytes  # bytes of one expert copy on the wire
@@ -108,7 +112,9 @@ class ExactPolicy(PlacementPolicy):
             return self.ownership
         tpr = self.timing.time_per_row_s
         if not self.cost_aware or tpr <= 0 or self.bandwidth <= 0 or self.row_bytes <= 0:
-            return plan_exact(counts_WE, self.ownership, self.topology, self.memory_cap)
+            return plan_exact(
+                counts_WE, self.ownership, self.topology, self.memory_cap, self.locality
+            )
         return plan_exact_if_it_pays(
             counts_WE, self.ownership, self.topology, self.memory_cap, self.row_bytes,
             self.bandwidth, tpr,

@@ -101,6 +101,33 @@ def hecate_table(sim: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+SCALING_SYSTEMS = ("fssdp", "fssdp_balance_only", "fssdp_predict", "fastermoe",
+                   "fastermoe_unbounded")  # fmt: skip
+
+
+def scaling_table(sim: dict[str, Any]) -> str:
+    """Weak scaling: speedup over EP at every simulated size, per expert count and routing."""
+    rows = sim["scaling"]
+    worlds = sorted({int(w) for r in rows.values() for w in r})
+    lines = [
+        "| experts / routing / cluster | system | " + " | ".join(map(str, worlds)) + " |",
+        "|---|---|" + "---|" * len(worlds),
+    ]
+    for key in sorted(rows, key=lambda k: (int(k.rsplit("/e", 1)[-1]), k)):
+        routing, kind, _, experts = key.split("/")
+        by_w = rows[key]
+        for s in SCALING_SYSTEMS:
+            cells = [
+                _f(by_w[str(w)]["ep"] / by_w[str(w)][s], "{:.2f}x")
+                if str(w) in by_w and s in by_w[str(w)]
+                else "-"
+                for w in worlds
+            ]
+            head = f"| {experts[1:]} / {routing} / {kind} | {s} | "
+            lines.append(head + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m perf.readme_table")
     ap.add_argument("--results", type=Path, default=RESULTS)
@@ -112,7 +139,9 @@ def main() -> None:
         print(ratio_table(rep), "\n")
         print(window_table(rep), "\n")
     if sim_path.exists():
-        print(hecate_table(json.loads(sim_path.read_text())))
+        sim = json.loads(sim_path.read_text())
+        print(hecate_table(sim), "\n")
+        print(scaling_table(sim))
 
 
 if __name__ == "__main__":

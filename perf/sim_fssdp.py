@@ -14,7 +14,18 @@ this step, overlappable with nothing; exact and calibrate: after routing, before
 the assignment and one rank's views of it (rows per rank, its send and receive counts, the
 experts it receives). That wall time is `plan_s` and is part of every layer's step time: the
 runtime waits for it. (With more ranks than experts, [Note: more ranks than experts] in
-perf/sim_run.py, the planner runs at the group's size, as the runtime would.)
+perf/sim_run.py, the planner runs at the group's size, as the runtime would.) The timer is
+the thread's CPU time, not the wall clock: on this shared 2-core machine the wall clock also
+counts other processes' time slices, which a dedicated host CPU would not see.
+
+[Note: copies per link]
+The overlap degree t counts the expert copies that fit behind the attention forward. Copies
+inside a node use the device links (NVLink), copies across nodes the node's NIC, and the tree
+spAG ([Note: pricing the runtime's spAG] in perf/sim_spag.py) crosses a NIC once per expert and
+node: replicating the top t experts to every rank puts about t copies on each NIC and on each
+device link, so t = floor(T_overlap * min(intra_bw, inter_bw) / S_e), the slower link's budget.
+The earlier rule priced every copy at a device's share of the NIC (inter_bw / per_node), which
+at 8 GPUs per node cut t eightfold (no copy fitted behind an attention forward at 100-400 Gb/s).
 """
 
 from __future__ import annotations
@@ -25,10 +36,12 @@ import torch
 
 from collectives.placement import Placement, Topology
 from fssdp.assign import assign_tokens, rows_per_rank
+from fssdp.plan_local import Locality
 from fssdp.planner import LoadEstimator, calibrate, overlap_degree, plan_exact, plan_placement
 from fssdp.sharding import balanced_uniform_sharding
-from perf.cost_model import Cluster, Workload, attn_fwd_s, even_sources, expert_s, transfer_s
-from perf.sim_layer import LayerCost, a2a_cost, layer_cost, zeros
+from perf.cost_model import Cluster, Workload, attn_fwd_s, even_sources, expert_s
+from perf.sim_layer import LayerCost, a2a_cost, layer_cost
+from perf.sim_spag import spag_s
 
 # [Note: costed degree]
 # A proposed replacement of the runtime's overlap-degree rule (t = copies that fit behind the
@@ -51,8 +64,13 @@ class FSSDPSim:
         window: int = 5,
         mode: str = "exact",  # the runtime's default parallel.plan_mode
         lookahead: bool = False,
+        node_local: bool = True,  # the runtime's default parallel.node_local_slots=-1
     ) -> None:
         self.w, self.c, self.m, self.mode, self.lookahead = w, c, memory_cap, mode, lookahead
+        # [Note: node-local replicas] as the runtime weighs them (fssdp/strategies/fssdp.py)
+        token = 2 * (w.d_model + w.d_model) * w.act_bytes
+        copy = w.expert_params * (w.param_bytes + w.grad_bytes)
+        self.locality = Locality(token, copy, memory_cap - 1) if node_local else None
         self.window = window
         self.topo = Topology(c.world, c.per_node)
         self.owner: dict[str, Placement] = {}
@@ -78,17 +96,15 @@ class FSSDPSim:
         return self.owner[bank], self.est[bank]
 
     def _spag_bw(self) -> float:
-        """Per-device bandwidth of a spread-out spAG (intra and inter peers alike)."""
+        """Bytes/s of one expert's copies per link, budgeted per link ([Note: copies per
+        link]): the device link inside a node, the node's NIC across nodes (a tree crosses it
+        once per expert), the slower of the two."""
         c = self.c
-        if c.nodes == 1:
-            return c.intra_bw
-        f_inter = (c.world - c.per_node) / (c.world - 1)
-        share = c.inter_bw / c.per_node
-        return 1.0 / (f_inter / share + (1 - f_inter) / c.intra_bw)
+        return c.intra_bw if c.nodes == 1 else min(c.intra_bw, c.inter_bw)
 
     def _placement(self, own: Placement, est: LoadEstimator, src: torch.Tensor) -> Placement:
         if self.mode == "exact":
-            return plan_exact(src, own, self.topo, self.m)
+            return plan_exact(src, own, self.topo, self.m, self.locality)
         if not est._history:  # step 1: the runtime has planned nothing yet
             return own
         if self.mode == "costed":
@@ -118,13 +134,13 @@ class FSSDPSim:
     def layer(self, bank: str, rows_E: list[int]) -> LayerCost:
         own, est = self._bank(bank)
         src = torch.tensor(even_sources(rows_E, self.c.world))
-        t0 = time.perf_counter()  # [Note: planner time on the critical path]
+        t0 = time.thread_time()  # [Note: planner time on the critical path]
         p1 = self._placement(own, est, src)
         p2 = self._calibrated(p1, src) if self.mode == "calibrate" else p1
         plan = assign_tokens(src, p2, self.topo)
         rows = plan.rows_per_rank().tolist()
         plan.send_counts(0), plan.recv_counts(0), plan.received_experts(0)
-        plan_s = time.perf_counter() - t0
+        plan_s = time.thread_time() - t0
         est.update(rows_E)
         cost = layer_cost(self.w, self.c, rows, a2a_cost(src, plan, self.w, self.c))
         cost.plan_s = plan_s
@@ -145,15 +161,13 @@ class FSSDPSim:
 
     def _materialize(self, cost: LayerCost, base: Placement, p: Placement, hide: float) -> None:
         """spAG base → p (hidden behind `hide` seconds) and the spRS back (behind the attention
-        backward)."""
+        backward), priced as the runtime's schedules ([Note: pricing the runtime's spAG])."""
         w, c = self.w, self.c
-        ag, rs = zeros(c.world), zeros(c.world)
-        for e, holders in enumerate(p.holders):
-            src = p.owner[e]
-            for r in holders - base.holders[e]:
-                ag[src][r] += w.expert_params * w.param_bytes
-                rs[r][src] += w.expert_params * w.grad_bytes
-        cost.exposed_s += max(0.0, transfer_s(ag, c) - hide)
-        cost.exposed_s += max(0.0, transfer_s(rs, c) - 2 * attn_fwd_s(w, c))
-        for k, m in (("spag", ag), ("sprs", rs)):
-            cost.bytes[k] = cost.bytes.get(k, 0.0) + sum(map(sum, m))
+        copies = len(p.extra_pairs(base))
+        if not copies:
+            return
+        ag = spag_s(base, p, c, w.expert_params * w.param_bytes)
+        rs = spag_s(base, p, c, w.expert_params * w.grad_bytes)
+        cost.exposed_s += max(0.0, ag - hide) + max(0.0, rs - 2 * attn_fwd_s(w, c))
+        cost.bytes["spag"] = cost.bytes.get("spag", 0.0) + copies * w.expert_params * w.param_bytes
+        cost.bytes["sprs"] = cost.bytes.get("sprs", 0.0) + copies * w.expert_params * w.grad_bytes

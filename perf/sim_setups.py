@@ -57,12 +57,14 @@ def gpu_cluster(kind: str, world: int) -> Cluster:
     )
 
 
-def gpu_workload(model: str, seqs_per_gpu: int = 8, seq_len: int = 1024) -> Workload:
+def gpu_workload(
+    model: str, seqs_per_gpu: int = 8, seq_len: int = 1024, num_experts: int = 64
+) -> Workload:
     return Workload(
         **MODELS[model],
         seq_len=seq_len,
         tokens_per_rank=seqs_per_gpu * seq_len,
-        num_experts=64,
+        num_experts=num_experts,
         top_k=2,
         vocab=50257,
     )

@@ -17,9 +17,12 @@ FSSDP is simulated with the project's own planner and dispatcher (perf/sim_fssdp
   reduce-scattered), hidden behind the layer's compute (attention + experts).
 - ddp: one all-reduce of every gradient, hidden behind the whole backward, excess exposed.
 - fastermoe (shadowing, FasterMoE-style): after gating, the k hottest experts are broadcast
-  from their owners to every rank (exposed) and their rows computed where they are routed;
+  from their owners to every rank (exposed; pipelined NCCL broadcasts, perf/sim_spag.py) and
+  their rows computed where they are routed;
   the rest go to the owners by all-to-all; shadow gradients are reduced to the owners behind
-  the attention backward. k is the best for this step's true counts (an oracle for FasterMoE).
+  the attention backward. k is the best for this step's true counts (an oracle for FasterMoE),
+  at most the memory cap fssdp gets (m = 2 extra expert slots per rank; `fastermoe_unbounded`
+  in perf/simulate.py lifts the cap).
 """
 
 from __future__ import annotations
@@ -34,10 +37,10 @@ from perf.cost_model import (
     attn_fwd_s,
     even_sources,
     expert_s,
-    transfer_s,
 )
 from perf.sim_fssdp import FSSDPSim
-from perf.sim_layer import LayerCost, a2a_cost, layer_cost, owner_plan, zeros
+from perf.sim_layer import LayerCost, a2a_cost, layer_cost, owner_plan
+from perf.sim_spag import broadcast_s
 
 SYSTEMS = ("ep", "fssdp", "fsdp", "ddp", "fastermoe")
 
@@ -102,13 +105,17 @@ class DDPSim:
 
 
 class FasterMoESim:
-    """EP plus shadow experts (broadcast to all ranks) chosen per step; [Note: overlap rules]."""
+    """EP plus shadow experts (broadcast to all ranks) chosen per step; [Note: overlap rules].
+
+    A shadow takes one expert slot on every rank: `max_shadows` (the memory cap m that fssdp
+    gets, by default) compares the two at equal memory; None lets the oracle take any number."""
 
     name = "fastermoe"
 
-    def __init__(self, w: Workload, c: Cluster) -> None:
+    def __init__(self, w: Workload, c: Cluster, max_shadows: int | None = 2) -> None:
         self.w, self.c = w, c
         self.owner = contiguous_sharding(w.num_experts, c.world)
+        self.max_shadows = w.num_experts if max_shadows is None else max_shadows
 
     def _with_shadows(self, src: list[list[int]], shadow: set[int]) -> LayerCost:
         w, c = self.w, self.c
@@ -117,23 +124,22 @@ class FasterMoESim:
             for s, row in enumerate(src)
         ]
         cost = layer_cost(w, c, rows_per_rank(src, plan), a2a_cost(src, plan, w, c))
-        if shadow:
-            bcast, red = zeros(c.world), zeros(c.world)
-            for e in shadow:
-                for r in range(c.world):
-                    if r != self.owner[e]:
-                        bcast[self.owner[e]][r] += w.expert_params * w.param_bytes
-                        red[r][self.owner[e]] += w.expert_params * w.grad_bytes
-            cost.exposed_s += transfer_s(bcast, c)
-            cost.exposed_s += max(0.0, transfer_s(red, c) - 2 * attn_fwd_s(w, c))
-            cost.bytes.update(spag=sum(map(sum, bcast)), sprs=sum(map(sum, red)))
+        if shadow:  # pipelined NCCL broadcasts out, reduces back ([Note: pricing the ...])
+            k, copies = len(shadow), len(shadow) * (c.world - 1)
+            cost.exposed_s += broadcast_s(k, c, w.expert_params * w.param_bytes)
+            red = broadcast_s(k, c, w.expert_params * w.grad_bytes)
+            cost.exposed_s += max(0.0, red - 2 * attn_fwd_s(w, c))
+            cost.bytes.update(
+                spag=copies * w.expert_params * w.param_bytes,
+                sprs=copies * w.expert_params * w.grad_bytes,
+            )
         return cost
 
     def layer(self, bank: str, rows_E: list[int]) -> LayerCost:
         src = even_sources(rows_E, self.c.world)
         order = sorted(range(len(rows_E)), key=lambda e: (-rows_E[e], e))
         best = self._with_shadows(src, set())
-        for k in range(1, len(order) + 1):
+        for k in range(1, min(len(order), self.max_shadows) + 1):
             trial = self._with_shadows(src, set(order[:k]))
             if trial.total_s >= best.total_s:
                 break  # hotter experts first: once a shadow stops paying, colder ones won't

@@ -9,7 +9,8 @@
    top-2, 16 and 32 GPUs on 8×V100 (NVLink 300 GB/s, 100 Gb/s) and 8×A100 (600 GB/s, 400 Gb/s)
    nodes; predicted speedup of fssdp over ep beside the paper's 1.26–1.78x, using 64-expert traces
    recorded from real runs (recorded here with a short EP run at world 2 when missing).
-3. Scaling: step time of ep, fssdp, fsdp, ddp and FasterMoE-style shadowing from 8 to 1024 GPUs.
+3. Weak scaling: step time of ep, fssdp (and variants), fsdp, ddp and FasterMoE-style shadowing
+   from 8 to 1024 GPUs, 8 x 1024 tokens per GPU, with 64 and with 256 experts (recorded traces).
 Writes perf/results/simulate.json and simulate.png.
 """
 
@@ -32,15 +33,23 @@ from perf.sim_setups import bench_bandwidth, calibrate, cpu_workload, gpu_cluste
 RESULTS = Path(__file__).parent / "results"
 MODEL = "gpt_moe_bench"
 PAPER_SPEEDUP = (1.26, 1.78)
-# fssdp variants beside the runtime's default (`fssdp`: plan after routing, `exact`): the paper's
-# predict mode, predict with a one-layer-earlier prefetch, calibrate, and [Note: costed degree].
+# Variants beside the runtime's default (`fssdp`: plan after routing, `exact`, node-local
+# replicas on): exact without node-local replicas, FasterMoE with any number of shadows (its
+# default here has fssdp's memory cap), the paper's predict mode, predict with a
+# one-layer-earlier prefetch, calibrate, and [Note: costed degree].
 VARIANTS = {
+    "fssdp_balance_only": ("fssdp", {"node_local": False}),
+    "fastermoe_unbounded": ("fastermoe", {"max_shadows": None}),
     "fssdp_predict": ("fssdp", {"mode": "predict"}),
     "fssdp_lookahead": ("fssdp", {"mode": "predict", "lookahead": True}),
     "fssdp_costed": ("fssdp", {"mode": "costed", "lookahead": True}),
     "fssdp_calibrate": ("fssdp", {"mode": "calibrate"}),
 }
-GPU_SYSTEMS = ("ep", "fssdp", "fssdp_predict", "fssdp_calibrate", "fastermoe", "fsdp", "ddp")
+GPU_SYSTEMS = (
+    "ep", "fssdp", "fssdp_balance_only", "fssdp_predict", "fssdp_calibrate", "fastermoe",
+    "fastermoe_unbounded", "fsdp", "ddp",
+)  # fmt: skip
+EXPERTS = (64, 256)  # scaling: the paper's 64, and 256 (experts growing with the cluster)
 HECATE_SYSTEMS = (*GPU_SYSTEMS, "fssdp_lookahead", "fssdp_costed")
 
 
@@ -93,14 +102,16 @@ def validate(compare: dict[str, Any], traces: Path) -> dict[str, Any]:
 # -- 2. and 3. the paper's clusters, and scale --------------------------------------------------
 
 
-def record_e64_traces(traces: Path) -> None:
-    """64-expert traces from short real EP runs (world 2) when they are missing."""
+def record_traces(traces: Path, experts: int) -> None:
+    """`experts`-expert traces from short real EP runs (world 2) when they are missing (the
+    256-expert model with 4 layers: the simulator cycles a trace's banks over its layers)."""
     from perf.compare import run_once
     from perf.compare_cases import QUICK, Case
 
-    s = replace(QUICK, steps=12, batch_per_rank=8, extra=("model.num_experts=64",))
+    extra = (f"model.num_experts={experts}", *(("model.n_layers=4",) if experts > 64 else ()))
+    s = replace(QUICK, steps=12, batch_per_rank=8, extra=extra)
     for routing in ("natural", "skewed"):
-        dst = traces / f"{MODEL}_e64_{routing}.jsonl"
+        dst = traces / f"{MODEL}_e{experts}_{routing}.jsonl"
         if dst.exists():
             continue
         with tempfile.TemporaryDirectory(prefix="fssdp-trace-") as tmp:
@@ -110,9 +121,12 @@ def record_e64_traces(traces: Path) -> None:
             shutil.copy(Path(tmp) / "run" / "routing_trace.jsonl", dst)
 
 
-def e64_traces(traces: Path) -> dict[str, RoutingTrace]:
-    """The 64-expert traces, read once: hecate() and scaling() share the simulator's cache."""
-    return {r: read_trace(traces / f"{MODEL}_e64_{r}.jsonl") for r in ("natural", "skewed")}
+def expert_traces(traces: Path, experts: int) -> dict[str, RoutingTrace]:
+    """The traces of `experts` experts, read once: hecate() and scaling() share the
+    simulator's cache."""
+    return {
+        r: read_trace(traces / f"{MODEL}_e{experts}_{r}.jsonl") for r in ("natural", "skewed")
+    }
 
 
 def hecate(traces: dict[str, RoutingTrace], warmup: int) -> dict[str, Any]:
@@ -133,19 +147,21 @@ def hecate(traces: dict[str, RoutingTrace], warmup: int) -> dict[str, Any]:
 
 
 def scaling(
-    traces: dict[str, RoutingTrace], warmup: int, worlds: tuple[int, ...]
+    traces: dict[int, dict[str, RoutingTrace]], warmup: int, worlds: tuple[int, ...]
 ) -> dict[str, Any]:
+    """Weak scaling (8 x 1024 tokens per GPU at every size) for each expert count."""
     out: dict[str, Any] = {}
-    for routing, trace in traces.items():
-        for kind in ("v100", "a100"):
-            w = gpu_workload("gpt_moe_s")
-            rows = {}
-            for world in worlds:
-                c = gpu_cluster(kind, world)
-                rows[str(world)] = {
-                    n: run_system(n, trace, w, c, warmup)["step_s"] for n in GPU_SYSTEMS
-                }
-            out[f"{routing}/{kind}/gpt_moe_s"] = rows
+    for experts, by_routing in traces.items():
+        for routing, trace in by_routing.items():
+            for kind in ("v100", "a100"):
+                w = gpu_workload("gpt_moe_s", num_experts=experts)
+                rows = {}
+                for world in worlds:
+                    c = gpu_cluster(kind, world)
+                    rows[str(world)] = {
+                        n: run_system(n, trace, w, c, warmup)["step_s"] for n in GPU_SYSTEMS
+                    }
+                out[f"{routing}/{kind}/gpt_moe_s/e{experts}"] = rows
     return out
 
 
@@ -167,12 +183,13 @@ def main(argv: list[str] | None = None) -> None:
         report["validation"] = validate(json.loads(a.compare.read_text()), a.traces)
     else:
         report["validation"] = {"error": f"{a.compare} missing: run python -m perf.compare first"}
-    record_e64_traces(a.traces)
-    e64 = e64_traces(a.traces)
-    report["hecate"] = hecate(e64, a.warmup)
+    for experts in EXPERTS:
+        record_traces(a.traces, experts)
+    by_experts = {experts: expert_traces(a.traces, experts) for experts in EXPERTS}
+    report["hecate"] = hecate(by_experts[64], a.warmup)
     report["paper_speedup_over_ep"] = PAPER_SPEEDUP
     worlds = tuple(2**i for i in range(3, 11) if 2**i <= a.max_world)
-    report["scaling"] = scaling(e64, a.warmup, worlds)
+    report["scaling"] = scaling(by_experts, a.warmup, worlds)
     report["wall_s"] = time.perf_counter() - t0
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "simulate.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -63,7 +63,7 @@ def _short(key: str) -> str:
 
 
 def _scaling(ax: Any, scaling: dict[str, Any]) -> None:
-    for key in ("skewed/a100/gpt_moe_s",):
+    for key in ("skewed/a100/gpt_moe_s/e64",):
         rows = scaling.get(key) or {}
         worlds = sorted(int(w) for w in rows)
         if not worlds:

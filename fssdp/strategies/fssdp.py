@@ -24,7 +24,7 @@ from fssdp.config import ParallelConfig
 from fssdp.executor import BankStep, FSSDPExecutor
 from fssdp.expert_params import RowLayout
 from fssdp.phases import PhaseTimer
-from fssdp.planner import LoadEstimator
+from fssdp.planner import LoadEstimator, Locality
 from fssdp.policy import (
     AgreedTiming,
     CalibratePolicy,
@@ -85,7 +85,8 @@ class FSSDPParallel(ExpertSharded):
         cfg, own = self.cfg, Placement.from_owners(self.owner[name], self.world)
         if cfg.plan_mode == "exact":
             return ExactPolicy(
-                own, self.topology, cfg.memory_cap, cfg.cost_aware, self._row_bytes(name)
+                own, self.topology, cfg.memory_cap, cfg.cost_aware, self._row_bytes(name),
+                locality=self._locality(name),
             )
         cls = PredictPolicy if cfg.plan_mode == "predict" else CalibratePolicy
         return cls(
@@ -103,6 +104,16 @@ class FSSDPParallel(ExpertSharded):
         lay = self.layouts[name]
         dtype = self.compute_dtype or lay.dtype
         return lay.numel * torch.empty((), dtype=dtype).element_size()
+
+    def _locality(self, name: str) -> Locality | None:
+        """What [Note: node-local replicas] weighs for bank `name` (None: off)."""
+        cfg, bank, lay = self.cfg, self.banks[name], self.layouts[name]
+        slots = cfg.memory_cap - 1 if cfg.node_local_slots < 0 else cfg.node_local_slots
+        if slots <= 0:
+            return None
+        elem = torch.empty((), dtype=self.compute_dtype or lay.dtype).element_size()
+        token = 2 * (bank.in_features + bank.out_features) * elem
+        return Locality(token, 2 * self._row_bytes(name), slots)
 
     def _prefetch_hooks(self, units: list[nn.Module]) -> None:
         """Issue each bank's spAG when its unit starts, so it overlaps the unit's dense work."""

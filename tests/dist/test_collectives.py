@@ -77,10 +77,9 @@ def _dense(rows: torch.Tensor, ids: list[int], E: int) -> torch.Tensor:
 
 def variants(dtype: torch.dtype) -> list[tuple[str, bool]]:
     """(algorithm, async_op) runs per dtype; float64 covers async and the cost rule as well."""
-    base = [("a2a", False), ("tree", False)]
-    return (
-        base + [("a2a", True), ("tree", True), ("auto", False)] if dtype == torch.float64 else base
-    )
+    base = [("a2a", False), ("tree", False), ("tree_nodes", False)]
+    more = [("a2a", True), ("tree", True), ("tree_nodes", True), ("auto", False)]
+    return base + more if dtype == torch.float64 else base
 
 
 def _run(fn, *args, algo: str, async_op: bool, **kw) -> tuple[torch.Tensor, CommStats]:

@@ -3,7 +3,8 @@
 Five optimizer steps each: losses, aux losses and every gradient (assembled in full). The cases
 cover the planner modes, rematerialisation, skewed routing, all tokens to one expert, experts
 without tokens, re-sharding in the middle of the run (with AdamW, foreach SGD with momentum
-and fused AdamW: the optimizer state moves with the rows), and a two-node topology.
+and fused AdamW: the optimizer state moves with the rows), a two-node topology, and one rank
+per node (node-local replicas, the node-relay tree).
 """
 
 from __future__ import annotations
@@ -60,6 +61,17 @@ CASES: dict[str, tuple[str, list[str]]] = {
         ],
     ),
     "fssdp_all_to_one": ("all_to_one", ["parallel=fssdp", "parallel.rematerialize=true"]),
+    # one rank per node: node-local replicas before balancing ([Note: node-local replicas]),
+    # moved by the node-relay tree ([Note: node relays])
+    "fssdp_nodes": (
+        "skewed",
+        [
+            "parallel=fssdp",
+            "parallel.ranks_per_node=1",
+            "parallel.cost_aware=false",
+            "parallel.collective_algorithm=tree_nodes",
+        ],
+    ),
     "fssdp_reshard": (
         "skewed",
         [
@@ -141,6 +153,7 @@ def test_strategies_match_single_process(reference: dict[str, Any], world: int) 
     # (logging the next step's predict plan would show no replicas here).
     assert any(sum(r) > 0 for r in got["fssdp_exact"]["probe"]["placements"].values())
     assert all(sum(r) == 0 for r in got["ep_skewed"]["probe"]["placements"].values())
+    assert any(sum(r) > 0 for r in got["fssdp_nodes"]["probe"]["placements"].values())
     first = got["fssdp_spread"]["probe"]["owners"]
     moved = got["fssdp_reshard"]["probe"]["owners"]
     assert moved != first, "re-sharding changed no owner"

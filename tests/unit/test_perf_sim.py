@@ -117,3 +117,49 @@ def test_more_ranks_than_experts_run_in_groups() -> None:
     c16 = Cluster("t", 2, 8, 1e12, 1e12, 10 * GB, 1 * GB)
     res = simulate("ep", trace, w, c16)
     assert all(x.rows_mean == w.rows_per_rank for r in res for x in r.layers)
+
+
+def test_spag_priced_as_the_cheaper_schedule_and_the_tree_crosses_nodes_once() -> None:
+    from collectives.placement import Placement
+    from collectives.schedule import Diff, direct_from
+    from perf.sim_spag import broadcast_s, rounds_s, spag_s
+
+    c = cluster(nodes=2, per_node=4, latency_s=0.0)  # NIC 1 GB/s, device links 10 GB/s
+    own = Placement.from_owners([0, 4], 8)
+    to_node1 = own.with_replicas({0: [4, 5, 6, 7]})  # expert 0 to every rank of node 1
+    direct = rounds_s(direct_from(Diff.of(own, to_node1)), GB, c)
+    assert direct == pytest.approx(4.0)  # four copies through node 0's NIC
+    tree = spag_s(own, to_node1, c, GB)
+    assert tree < direct and tree == pytest.approx(1.0 + 2 * 0.1)  # one NIC copy, fan-out
+    same_node = own.with_replicas({0: [1]})
+    assert spag_s(own, same_node, c, GB) == pytest.approx(0.1)  # one device-link copy
+    assert spag_s(own, own, c, GB) == 0.0
+    # FasterMoE's shadows: pipelined broadcasts, each expert over the NIC once
+    assert broadcast_s(3, c, GB) == pytest.approx(3.0)
+    assert broadcast_s(3, cluster(nodes=1, per_node=4), GB) == pytest.approx(0.3)
+
+
+def test_fastermoe_shadows_capped_at_fssdps_memory_unless_unbounded() -> None:
+    from perf.sim_systems import FasterMoESim
+
+    w, c = workload(), cluster(intra_bw=1e15)  # copies are free: both hot experts pay
+    skewed = [4 * w.rows_per_rank] * 2 + [0] * 6  # rank 0 owns both hot experts
+    one = FasterMoESim(w, c, max_shadows=1).layer("b", skewed)
+    default = FasterMoESim(w, c).layer("b", skewed)  # fssdp's m = 2
+    free = FasterMoESim(w, c, max_shadows=None).layer("b", skewed)
+    copy = 3 * w.expert_params * w.param_bytes  # one expert to the 3 other ranks
+    assert one.bytes["spag"] == copy and default.bytes["spag"] == free.bytes["spag"] == 2 * copy
+    assert free.rows_max == 2 * w.rows_per_rank < one.rows_max
+
+
+def test_fssdp_sim_keeps_rows_in_the_node_with_node_local_replicas() -> None:
+    """Even load (EP is balanced, balancing adds nothing) whose rows come from both nodes: the
+    node-local replicas keep rows off the NIC when they save more bytes than the copies."""
+    w = workload(experts=8)
+    c = cluster(nodes=2, per_node=2, intra_bw=1e15, inter_bw=1 * GB)
+    even = [4096] * 8
+    local = FSSDPSim(w, c, memory_cap=2).layer("b", even)
+    plain = FSSDPSim(w, c, memory_cap=2, node_local=False).layer("b", even)
+    assert "spag" not in plain.bytes and local.bytes["spag"] > 0
+    assert local.a2a_s < 0.75 * plain.a2a_s
+    assert local.rows_max <= 1.1 * plain.rows_max

@@ -134,11 +134,13 @@ def test_cost_rule() -> None:
     assert algorithm_costs(p0, hot, expert_bytes=mb, cost_model=free) == {
         "a2a": 7 * mb,
         "tree": 3 * mb,
+        "tree_nodes": 3 * mb,  # no topology: the tree's own schedule
     }
     cm = CostModel(a2a_peer_bytes=100_000, round_bytes=1_000_000)
     assert algorithm_costs(p0, hot, expert_bytes=mb, cost_model=cm) == {
         "a2a": 7 * 100_000 + 7 * mb,
         "tree": 3 * (1_000_000 + mb),
+        "tree_nodes": 3 * (1_000_000 + mb),
     }
     assert choose_algorithm(p0, hot, expert_bytes=mb, cost_model=cm) == "tree"
     assert choose_algorithm(hot, p0, expert_bytes=mb, cost_model=cm) == "tree", "spRS agrees"
