@@ -286,6 +286,20 @@ def _bit_lengths(n: int) -> np.ndarray:
     return np.array([x.bit_length() for x in range(n + 1)], dtype=np.int64)
 
 
+def _binomial(g: np.ndarray, r: np.ndarray, root_N: np.ndarray, G: int, W: int) -> tuple:
+    """[Note: binomial relay]'s closed form for groups g (members sorted by group, in tree
+    order; root_N each member's group root): (sender, round, sender's place in L) of every
+    member. L[j] (j >= 1) receives from L[j - low(j)] in round R - 1 - ctz(j)."""
+    cnt = np.bincount(g, minlength=G)
+    start = np.cumsum(cnt) - cnt
+    pos = np.arange(g.size, dtype=np.int64) - start[g] + 1  # place in L; the root is 0
+    low = pos & -pos
+    bits = _bit_lengths(W)  # pos, low and counts are all <= W - 1
+    src_pos = pos - low
+    src = np.where(src_pos == 0, root_N, r[np.maximum(start[g] + src_pos - 1, 0)])
+    return src, bits[cnt[g]] - bits[low], src_pos
+
+
 def tree_from(d: Diff, topo: Topology | None = None) -> Schedule:
     """Per-expert binomial broadcast trees run side by side (spAG direction).
 
@@ -317,31 +331,11 @@ def tree_from(d: Diff, topo: Topology | None = None) -> Schedule:
         span = n_nodes * W
     order = np.argsort(e * span + key)  # keys are unique: no stability needed
     e, r, o = e[order], r[order], o[order]
-    cnt_E = np.bincount(e, minlength=E)
-    start_E = np.cumsum(cnt_E) - cnt_E
-    pos = np.arange(e.size, dtype=np.int64) - start_E[e] + 1  # place in L; the owner is 0
-    low = pos & -pos
-    bits = _bit_lengths(W)  # pos, low and counts are all <= W - 1
-    rnd = bits[cnt_E[e]] - bits[low]  # R - 1 - ctz(pos), R = bit_length(n - 1)
-    src_pos = pos - low
-    src = np.where(src_pos == 0, o, r[np.maximum(start_E[e] + src_pos - 1, 0)])
+    src, rnd, src_pos = _binomial(e, r, o, E, W)
     # Within a round: by expert, then by sender's place in L (the order of the loop it replaces).
     order = np.argsort((rnd * E + e) * W + src_pos)
     xfer = np.stack([e, src, r], 1)[order]
     return Schedule.from_round_index(xfer, rnd[order])
-
-
-def _binomial(g: np.ndarray, r: np.ndarray, root_N: np.ndarray, G: int, W: int) -> tuple:
-    """[Note: binomial relay]'s closed form for groups g (members sorted by group, in tree
-    order; root_N each member's group root): (sender, round) of every member."""
-    cnt = np.bincount(g, minlength=G)
-    start = np.cumsum(cnt) - cnt
-    pos = np.arange(g.size, dtype=np.int64) - start[g] + 1
-    low = pos & -pos
-    bits = _bit_lengths(W)
-    src_pos = pos - low
-    src = np.where(src_pos == 0, root_N, r[np.maximum(start[g] + src_pos - 1, 0)])
-    return src, bits[cnt[g]] - bits[low]
 
 
 def tree_nodes_from(d: Diff, topo: Topology | None = None) -> Schedule:
@@ -368,7 +362,7 @@ def tree_nodes_from(d: Diff, topo: Topology | None = None) -> Schedule:
     node, home = r // R, o // R
     group = e * N + node  # contiguous after the sort
     relay = np.r_[True, group[1:] != group[:-1]] & (node != home)
-    src1, rnd1 = _binomial(e[relay], r[relay], o[relay], E, W)
+    src1, rnd1, _ = _binomial(e[relay], r[relay], o[relay], E, W)
     stage1 = int(rnd1.max()) + 1 if rnd1.size else 0
     rest = ~relay
     relay_of = np.full(E * N, -1, dtype=np.int64)
@@ -376,7 +370,7 @@ def tree_nodes_from(d: Diff, topo: Topology | None = None) -> Schedule:
     g2 = group[rest]
     root = np.where(node[rest] == home[rest], o[rest], relay_of[g2])
     inv = np.cumsum(np.r_[True, g2[1:] != g2[:-1]]) - 1 if g2.size else g2  # in sort order
-    src2, rnd2 = _binomial(inv, r[rest], root, int(inv.max()) + 1 if inv.size else 0, W)
+    src2, rnd2, _ = _binomial(inv, r[rest], root, int(inv.max()) + 1 if inv.size else 0, W)
     xe = np.concatenate([e[relay], e[rest]])
     xs = np.concatenate([src1, src2])
     xd = np.concatenate([r[relay], r[rest]])

@@ -163,11 +163,10 @@ class FSSDPSim:
         """spAG base → p (hidden behind `hide` seconds) and the spRS back (behind the attention
         backward), priced as the runtime's schedules ([Note: pricing the runtime's spAG])."""
         w, c = self.w, self.c
-        copies = len(p.extra_pairs(base))
+        copies = int((p.num_holders_E() - base.num_holders_E()).sum())
         if not copies:
             return
-        ag = spag_s(base, p, c, w.expert_params * w.param_bytes)
-        rs = spag_s(base, p, c, w.expert_params * w.grad_bytes)
+        ag, rs = spag_s(base, p, c, w.expert_params * w.param_bytes, w.expert_params * w.grad_bytes)
         cost.exposed_s += max(0.0, ag - hide) + max(0.0, rs - 2 * attn_fwd_s(w, c))
         cost.bytes["spag"] = cost.bytes.get("spag", 0.0) + copies * w.expert_params * w.param_bytes
         cost.bytes["sprs"] = cost.bytes.get("sprs", 0.0) + copies * w.expert_params * w.grad_bytes

@@ -58,14 +58,15 @@ def rounds_s(sched: Schedule, nbytes: float, c: Cluster) -> float:
     return t
 
 
-def spag_s(base: Placement, p: Placement, c: Cluster, nbytes: float) -> float:
-    """Time of the spAG base -> p (or of its spRS, in gradient bytes): the cheaper schedule."""
+def spag_s(base: Placement, p: Placement, c: Cluster, *nbytes: float) -> list[float]:
+    """Times of the spAG base -> p for each size in `nbytes` (parameters; gradients for its
+    spRS), each the cheapest schedule's; the schedules are built once."""
     d = Diff.of(base, p)
     if not d.expert_N.size:
-        return 0.0
+        return [0.0] * len(nbytes)
     topo = Topology(c.world, c.per_node)
     scheds = (direct_from(d), tree_from(d, topo), tree_nodes_from(d, topo))
-    return min(rounds_s(s, nbytes, c) for s in scheds)
+    return [min(rounds_s(s, n, c) for s in scheds) for n in nbytes]
 
 
 def broadcast_s(k: int, c: Cluster, nbytes: float) -> float:

@@ -129,11 +129,11 @@ def test_spag_priced_as_the_cheaper_schedule_and_the_tree_crosses_nodes_once() -
     to_node1 = own.with_replicas({0: [4, 5, 6, 7]})  # expert 0 to every rank of node 1
     direct = rounds_s(direct_from(Diff.of(own, to_node1)), GB, c)
     assert direct == pytest.approx(4.0)  # four copies through node 0's NIC
-    tree = spag_s(own, to_node1, c, GB)
+    (tree,) = spag_s(own, to_node1, c, GB)
     assert tree < direct and tree == pytest.approx(1.0 + 2 * 0.1)  # one NIC copy, fan-out
     same_node = own.with_replicas({0: [1]})
-    assert spag_s(own, same_node, c, GB) == pytest.approx(0.1)  # one device-link copy
-    assert spag_s(own, own, c, GB) == 0.0
+    assert spag_s(own, same_node, c, GB) == [pytest.approx(0.1)]  # one device-link copy
+    assert spag_s(own, own, c, GB, GB) == [0.0, 0.0]
     # FasterMoE's shadows: pipelined broadcasts, each expert over the NIC once
     assert broadcast_s(3, c, GB) == pytest.approx(3.0)
     assert broadcast_s(3, cluster(nodes=1, per_node=4), GB) == pytest.approx(0.3)
