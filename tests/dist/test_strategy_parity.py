@@ -29,6 +29,8 @@ MODELS = {
     "skewed_fused_adamw": ["model.route_skew=0.5", "optim.impl=fused"],
 }
 RESHARD = ["parallel.plan_mode=predict", "parallel.reshard_every=2", "parallel.overlap_degree=2"]
+NODES = ["parallel=fssdp", "parallel.ranks_per_node=1", "parallel.cost_aware=false",
+         "parallel.collective_algorithm=tree_nodes"]  # fmt: skip
 # case -> (model, strategy overrides)
 CASES: dict[str, tuple[str, list[str]]] = {
     # Cases that assert planning decisions pin the overlap degree (auto mode measures time).
@@ -63,15 +65,9 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "fssdp_all_to_one": ("all_to_one", ["parallel=fssdp", "parallel.rematerialize=true"]),
     # one rank per node: node-local replicas before balancing ([Note: node-local replicas]),
     # moved by the node-relay tree ([Note: node relays])
-    "fssdp_nodes": (
-        "skewed",
-        [
-            "parallel=fssdp",
-            "parallel.ranks_per_node=1",
-            "parallel.cost_aware=false",
-            "parallel.collective_algorithm=tree_nodes",
-        ],
-    ),
+    "fssdp_nodes": ("skewed", NODES),
+    "fssdp_nodes_two_hot": ("two_hot", NODES),  # six experts without tokens
+    "fssdp_nodes_all_to_one": ("all_to_one", NODES),
     "fssdp_reshard": (
         "skewed",
         [
