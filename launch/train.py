@@ -7,6 +7,7 @@ with one clear line and exit code 2 instead of a hydra traceback.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -230,10 +231,15 @@ def topology_line(par: Any, info: Any) -> str:
     else:
         world, rpn, src = info.world_size, info.ranks_per_node or info.world_size, "launcher"
     nodes = world // rpn
-    return (
+    line = (
         f"topology: {nodes} node{'s' if nodes != 1 else ''} x {rpn} rank{'s' if rpn != 1 else ''}"
         f" per node (world {world}; {src})"
     )
+    links = getattr(par, "links", None)  # fssdp's probe ([Note: copies per link])
+    if links is not None and links.degree_bandwidth > 0:
+        measured = [f"{k}-node {v / 1e9:.3g} GB/s" for k, v in vars(links).items() if v < math.inf]
+        line += f"; expert copies measured at {', '.join(measured)}"
+    return line
 
 
 # Text of the backends' errors when a peer stops answering (gloo, NCCL, the TCP store).

@@ -9,7 +9,6 @@ it re-shards ownership (fssdp/reshard.py).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -19,8 +18,8 @@ from torch import nn
 
 from collectives.comm import backend_device
 from collectives.placement import Placement, Topology
-from collectives.sparse import sparse_all_gather
 from fssdp.config import ParallelConfig
+from fssdp.copy_bandwidth import LinkBandwidth, probe_links
 from fssdp.executor import BankStep, FSSDPExecutor
 from fssdp.expert_params import RowLayout
 from fssdp.phases import PhaseTimer
@@ -49,7 +48,10 @@ class FSSDPParallel(ExpertSharded):
         banks = {m.bank_name: m.num_experts for m in model.modules() if isinstance(m, ExpertBank)}
         super().__init__(model, cfg, topology, units, balanced_uniform_sharding(banks, topology))
         self.layouts = {name: RowLayout.of(bank) for name, bank in self.banks.items()}
-        self.bandwidth = 1e9  # sparse-transfer bytes/s, measured in _after_materialize
+        # per-link bytes/s and the slower link's figure that policies budget copies with,
+        # measured in _after_materialize ([Note: copies per link] in fssdp/copy_bandwidth.py)
+        self.links = LinkBandwidth()
+        self.bandwidth = 1e9
         self.policies = {name: self._policy(name) for name in self.banks}
         # Global load per bank over the last steps: the input of re-sharding (all modes).
         self.load = {
@@ -128,45 +130,24 @@ class FSSDPParallel(ExpertSharded):
 
     def _after_materialize(self) -> None:
         if any(p.timed for p in self.policies.values()) and self.world > 1:
-            self.bandwidth = self._measure_bandwidth()
+            self.links = self._measure_links()
+            self.bandwidth = self.links.degree_bandwidth or self.bandwidth
             for policy in self.policies.values():
                 if isinstance(policy, (PredictPolicy, ExactPolicy)):
                     policy.bandwidth = self.bandwidth
 
-    def _measure_bandwidth(self) -> float:
-        """Bytes/s of a synchronous sparse all-gather (each expert of the largest bank to the
-        next rank), the slowest rank's figure.
-
-        [Note: why bandwidth is measured once, synchronously]
-        The prefetched transfer's issue-to-completion time includes the dense work it hides
-        behind whenever the transfer cannot progress during compute (gloo on busy cores): a
-        bandwidth derived from it shrinks the overlap degree, which shrinks the next transfer,
-        and the planner collapses to no replicas. A synchronous transfer measures the link.
-        """
+    def _measure_links(self) -> LinkBandwidth:
+        """[Note: copies per link] (fssdp/copy_bandwidth.py) on the bank with the largest rows."""
         name = max(self.layouts, key=lambda n: self.layouts[n].row_bytes())
-        own = self.policies[name].ownership
-        target = own.with_replicas(
-            {e: [(own.owner[e] + 1) % self.world] for e in range(own.num_experts)}
-        )
         rows = self.layouts[name].pack(dict(self.banks[name].named_parameters(recurse=False)))
-        rows = rows.to(self.compute_dtype or rows.dtype)  # what the spAG moves
-        dist.barrier(group=self.sparse_group)
-        t0 = time.perf_counter()
-        _, st = sparse_all_gather(
-            rows.detach(),
-            own,
-            target,
+        return probe_links(
+            rows.to(self.compute_dtype or rows.dtype),  # what the spAG moves
+            self.policies[name].ownership,
+            self.topology,
             self.sparse_group,
-            algorithm=self.cfg.collective_algorithm,
-            phase="bandwidth probe",
-            timeout_s=self.cfg.timeout_s,
+            self.cfg.collective_algorithm,
+            self.cfg.timeout_s,
         )
-        elapsed = time.perf_counter() - t0
-        bw = torch.tensor(
-            [st.bytes_recv / max(elapsed, 1e-9)], dtype=torch.float64, device=backend_device()
-        )
-        dist.all_reduce(bw, op=dist.ReduceOp.MIN)
-        return max(float(bw.item()), 1.0)
 
     # -- the step -----------------------------------------------------------------------------
     def _set_sync(self, sync: bool) -> None:
