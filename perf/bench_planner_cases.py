@@ -66,7 +66,7 @@ def trace_loads(traces: Path = TRACES) -> dict[str, tuple[list[int], list[int]]]
 
 def trace_counts(load_E: list[int], W: int) -> Tensor:
     """A trace step scaled to ROWS_PER_RANK rows per rank, split evenly over the sources."""
-    return torch.tensor(even_sources(scale_rows(load_E, W * ROWS_PER_RANK), W), dtype=I64)
+    return even_sources(scale_rows(load_E, W * ROWS_PER_RANK), W)
 
 
 Case = Callable[[int, int, int], Tensor]  # (W, E, seed) -> counts_WE

@@ -22,6 +22,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
 
 GB = 1e9
 
@@ -106,24 +109,26 @@ def expert_s(rows: int, w: Workload, c: Cluster) -> float:
 # -- transfers -------------------------------------------------------------------------------
 
 
-def transfer_s(m_SR: Sequence[Sequence[float]], c: Cluster) -> float:
-    """Time of one collective with bytes matrix m_SR, per [Note: link model]."""
-    W = len(m_SR)
-    intra_out, intra_in = [0.0] * W, [0.0] * W
-    inter_out, inter_in = [0.0] * c.nodes, [0.0] * c.nodes
-    for s, row in enumerate(m_SR):
-        for r, b in enumerate(row):
-            if not b or s == r:
-                continue
-            ns, nr = c.node_of(s), c.node_of(r)
-            if ns == nr:
-                intra_out[s] += b
-                intra_in[r] += b
-            else:
-                inter_out[ns] += b
-                inter_in[nr] += b
-    t_intra = max(max(intra_out), max(intra_in)) / c.intra_bw if W else 0.0
-    t_inter = max(max(inter_out), max(inter_in)) / c.inter_bw if c.nodes > 1 else 0.0
+def transfer_s(m_SR: Any, c: Cluster) -> float:
+    """Time of one collective with bytes matrix m_SR ([W, W] tensor or nested sequence, W =
+    c.world), per [Note: link model]: the busiest device link inside a node or the busiest NIC
+    across nodes; bytes to oneself are free."""
+    m = torch.as_tensor(m_SR, dtype=torch.float64)
+    W = m.shape[0] if m.dim() == 2 else 0
+    if W == 0:
+        return 0.0
+    if W != c.world:
+        raise ValueError(f"transfer_s: a {W}x{W} bytes matrix on a cluster of {c.world} ranks")
+    pn, nodes, self_b = c.per_node, c.nodes, m.diagonal()
+    blocks = m.view(nodes, pn, nodes, pn).diagonal(dim1=0, dim2=2)  # [pn, pn, nodes]
+    intra_out = blocks.sum(1).T.reshape(W) - self_b
+    intra_in = blocks.sum(0).T.reshape(W) - self_b
+    t_intra = max(float(intra_out.max()), float(intra_in.max())) / c.intra_bw
+    t_inter = 0.0
+    if nodes > 1:
+        out_n = (m.sum(1) - self_b - intra_out).view(nodes, pn).sum(1)
+        in_n = (m.sum(0) - self_b - intra_in).view(nodes, pn).sum(1)
+        t_inter = max(float(out_n.max()), float(in_n.max())) / c.inter_bw
     busy = t_intra > 0 or t_inter > 0
     return max(t_intra, t_inter) + (c.latency_s if busy else 0.0)
 
@@ -144,15 +149,14 @@ def all_reduce_s(total_bytes: float, world: int, c: Cluster) -> float:
     return 2 * all_gather_s(total_bytes / world, world, c) if world > 1 else 0.0
 
 
-def even_sources(rows_E: Sequence[int], world: int) -> list[list[int]]:
-    """[W][E] rows per source rank: each expert's rows split evenly over the ranks (tokens are
-    drawn alike on every rank); leftovers go to ranks e, e+1, … so no rank is always favoured."""
-    out = [[0] * len(rows_E) for _ in range(world)]
-    for e, n in enumerate(rows_E):
-        q, rem = divmod(int(n), world)
-        for s in range(world):
-            out[s][e] = q + ((s - e) % world < rem)
-    return out
+def even_sources(rows_E: Sequence[int], world: int) -> torch.Tensor:
+    """[W, E] int64 rows per source rank: each expert's rows split evenly over the ranks (tokens
+    are drawn alike on every rank); leftovers go to ranks e, e+1, … so no rank is always
+    favoured."""
+    n_E = torch.as_tensor(list(rows_E), dtype=torch.int64).reshape(-1)
+    q, rem = n_E // world, n_E % world
+    s_W, e_E = torch.arange(world)[:, None], torch.arange(n_E.numel())[None, :]
+    return q[None, :] + ((s_W - e_E) % world < rem[None, :]).to(torch.int64)
 
 
 def scale_rows(load_E: Sequence[float], total_rows: int) -> list[int]:

@@ -117,7 +117,7 @@ class FSSDPSim:
         expert time + exposed transfers is least, judged on the *estimated* loads."""
         w, c = self.w, self.c
         scale = c.world * w.rows_per_rank / max(1.0, sum(load_E))
-        est_src = torch.tensor(even_sources([round(x * scale) for x in load_E], c.world))
+        est_src = even_sources([round(x * scale) for x in load_E], c.world)
         best: tuple[float, Placement] | None = None
         for t in (0, 1, 2, 4, 8, 16, 32):
             if t > w.num_experts:
@@ -133,7 +133,7 @@ class FSSDPSim:
 
     def layer(self, bank: str, rows_E: list[int]) -> LayerCost:
         own, est = self._bank(bank)
-        src = torch.tensor(even_sources(rows_E, self.c.world))
+        src = even_sources(rows_E, self.c.world)
         t0 = time.thread_time()  # [Note: planner time on the critical path]
         p1 = self._placement(own, est, src)
         p2 = self._calibrated(p1, src) if self.mode == "calibrate" else p1

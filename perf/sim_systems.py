@@ -27,7 +27,8 @@ FSSDP is simulated with the project's own planner and dispatcher (perf/sim_fssdp
 
 from __future__ import annotations
 
-from fssdp.assign import rows_per_rank
+import torch
+
 from fssdp.sharding import contiguous_sharding
 from perf.cost_model import (
     Cluster,
@@ -39,7 +40,7 @@ from perf.cost_model import (
     expert_s,
 )
 from perf.sim_fssdp import FSSDPSim
-from perf.sim_layer import LayerCost, a2a_cost, layer_cost, owner_plan
+from perf.sim_layer import LayerCost, a2a_cost, dest_rows, layer_cost, owner_dest
 from perf.sim_spag import broadcast_s
 
 SYSTEMS = ("ep", "fssdp", "fsdp", "ddp", "fastermoe")
@@ -56,10 +57,8 @@ class EPSim:
 
     def layer(self, bank: str, rows_E: list[int]) -> LayerCost:
         src = even_sources(rows_E, self.c.world)
-        plan = owner_plan(src, self.owner)
-        return layer_cost(
-            self.w, self.c, rows_per_rank(src, plan), a2a_cost(src, plan, self.w, self.c)
-        )
+        dest = owner_dest(self.owner, self.c.world)
+        return layer_cost(self.w, self.c, dest_rows(src, dest), a2a_cost(src, dest, self.w, self.c))
 
 
 class FSDPSim:
@@ -117,13 +116,13 @@ class FasterMoESim:
         self.owner = contiguous_sharding(w.num_experts, c.world)
         self.max_shadows = w.num_experts if max_shadows is None else max_shadows
 
-    def _with_shadows(self, src: list[list[int]], shadow: set[int]) -> LayerCost:
+    def _with_shadows(self, src: torch.Tensor, shadow: set[int]) -> LayerCost:
         w, c = self.w, self.c
-        plan = [
-            [[(s if e in shadow else self.owner[e], n)] if n else [] for e, n in enumerate(row)]
-            for s, row in enumerate(src)
-        ]
-        cost = layer_cost(w, c, rows_per_rank(src, plan), a2a_cost(src, plan, w, c))
+        dest = owner_dest(self.owner, c.world).clone()
+        if shadow:  # a shadowed expert's rows stay on their source rank
+            cols = torch.tensor(sorted(shadow))
+            dest[:, cols] = torch.arange(c.world)[:, None]
+        cost = layer_cost(w, c, dest_rows(src, dest), a2a_cost(src, dest, w, c))
         if shadow:  # pipelined NCCL broadcasts out, reduces back ([Note: pricing the ...])
             k, copies = len(shadow), len(shadow) * (c.world - 1)
             cost.exposed_s += broadcast_s(k, c, w.expert_params * w.param_bytes)

@@ -163,3 +163,38 @@ def test_fssdp_sim_keeps_rows_in_the_node_with_node_local_replicas() -> None:
     assert "spag" not in plain.bytes and local.bytes["spag"] > 0
     assert local.a2a_s < 0.75 * plain.a2a_s
     assert local.rows_max <= 1.1 * plain.rows_max
+
+
+def _transfer_reference(m: list[list[float]], c: Cluster) -> float:
+    """The link model written out link by link (what transfer_s computes with tensors)."""
+    W = len(m)
+    intra_out, intra_in = [0.0] * W, [0.0] * W
+    inter_out, inter_in = [0.0] * c.nodes, [0.0] * c.nodes
+    for s, row in enumerate(m):
+        for r, b in enumerate(row):
+            if s == r:
+                continue
+            if c.node_of(s) == c.node_of(r):
+                intra_out[s] += b
+                intra_in[r] += b
+            else:
+                inter_out[c.node_of(s)] += b
+                inter_in[c.node_of(r)] += b
+    t = max(max(intra_out), max(intra_in)) / c.intra_bw
+    if c.nodes > 1:
+        t = max(t, max(max(inter_out), max(inter_in)) / c.inter_bw)
+    return t + (c.latency_s if t > 0 else 0.0)
+
+
+@pytest.mark.parametrize("nodes,per_node", [(1, 4), (3, 4), (4, 1), (2, 8)])
+def test_transfer_time_matches_the_link_by_link_model(nodes: int, per_node: int) -> None:
+    import torch
+
+    c = cluster(nodes=nodes, per_node=per_node)
+    g = torch.Generator().manual_seed(nodes * 10 + per_node)
+    m = (torch.rand(c.world, c.world, generator=g, dtype=torch.float64) * GB).tolist()
+    m[0][c.world - 1] = 7 * GB  # one hot link
+    got = transfer_s(torch.tensor(m, dtype=torch.float64), c)
+    assert got == pytest.approx(_transfer_reference(m, c), rel=1e-12)
+    with pytest.raises(ValueError, match="bytes matrix"):
+        transfer_s(torch.zeros(c.world + 1, c.world + 1), c)
