@@ -1,10 +1,11 @@
 """fssdp, ep and fsdp at world 1, 2 and 4 equal `parallel=none` at world 1 (float64, ≤1e-9).
 
 Five optimizer steps each: losses, aux losses and every gradient (assembled in full). The cases
-cover the planner modes, rematerialisation, skewed routing, all tokens to one expert, experts
-without tokens, re-sharding in the middle of the run (with AdamW, foreach SGD with momentum
-and fused AdamW: the optimizer state moves with the rows), a two-node topology, and one rank
-per node (node-local replicas, the node-relay tree).
+cover the planner modes (predict and calibrate with the start-up bandwidth probe),
+rematerialisation, skewed routing, all tokens to one expert, experts without tokens,
+re-sharding in the middle of the run (with AdamW, foreach SGD with momentum and fused AdamW:
+the optimizer state moves with the rows), a two-node topology, and one rank per node
+(node-local replicas, the node-relay tree).
 """
 
 from __future__ import annotations
@@ -52,6 +53,12 @@ CASES: dict[str, tuple[str, list[str]]] = {
         ],
     ),
     "fssdp_calibrate": ("skewed", ["parallel=fssdp", "parallel.plan_mode=calibrate"]),
+    # calibrate with the measured overlap degree ([Note: copies per link]: the bandwidth probe
+    # runs at start) on experts without tokens and on all tokens to one expert
+    "fssdp_calibrate_two_hot": ("two_hot", ["parallel=fssdp", "parallel.plan_mode=calibrate"]),
+    "fssdp_calibrate_all_to_one": (
+        "all_to_one", ["parallel=fssdp", "parallel.plan_mode=calibrate"]
+    ),
     "fssdp_spread": (
         "skewed",
         [
