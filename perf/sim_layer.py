@@ -53,9 +53,8 @@ def a2a_cost(
 
 def dest_rows(src_WE: torch.Tensor, dest_WE: torch.Tensor) -> list[int]:
     """Rows each rank computes when dest_WE[s, e] computes all of src_WE[s, e]."""
-    W = src_WE.shape[0]
-    return torch.zeros(W, dtype=torch.int64).index_add_(0, dest_WE.reshape(-1),
-                                                       src_WE.reshape(-1)).tolist()  # fmt: skip
+    rows_W = torch.zeros(src_WE.shape[0], dtype=torch.int64)
+    return rows_W.index_add_(0, dest_WE.reshape(-1), src_WE.reshape(-1)).tolist()
 
 
 def owner_dest(owner: list[int], world: int) -> torch.Tensor:

@@ -54,11 +54,13 @@ class EPSim:
     def __init__(self, w: Workload, c: Cluster) -> None:
         self.w, self.c = w, c
         self.owner = contiguous_sharding(w.num_experts, c.world)
+        self.dest = owner_dest(self.owner, c.world)  # dest_WE: every row to its owner
 
     def layer(self, bank: str, rows_E: list[int]) -> LayerCost:
         src = even_sources(rows_E, self.c.world)
-        dest = owner_dest(self.owner, self.c.world)
-        return layer_cost(self.w, self.c, dest_rows(src, dest), a2a_cost(src, dest, self.w, self.c))
+        return layer_cost(
+            self.w, self.c, dest_rows(src, self.dest), a2a_cost(src, self.dest, self.w, self.c)
+        )
 
 
 class FSDPSim:
@@ -115,13 +117,14 @@ class FasterMoESim:
         self.w, self.c = w, c
         self.owner = contiguous_sharding(w.num_experts, c.world)
         self.max_shadows = w.num_experts if max_shadows is None else max_shadows
+        self.dest = owner_dest(self.owner, c.world)  # dest_WE without shadows
 
-    def _with_shadows(self, src: torch.Tensor, shadow: set[int]) -> LayerCost:
+    def _with_shadows(self, src: torch.Tensor, shadow: list[int]) -> LayerCost:
         w, c = self.w, self.c
-        dest = owner_dest(self.owner, c.world).clone()
+        dest = self.dest
         if shadow:  # a shadowed expert's rows stay on their source rank
-            cols = torch.tensor(sorted(shadow))
-            dest[:, cols] = torch.arange(c.world)[:, None]
+            dest = dest.clone()
+            dest[:, torch.tensor(shadow)] = torch.arange(c.world)[:, None]
         cost = layer_cost(w, c, dest_rows(src, dest), a2a_cost(src, dest, w, c))
         if shadow:  # pipelined NCCL broadcasts out, reduces back ([Note: pricing the ...])
             k, copies = len(shadow), len(shadow) * (c.world - 1)
@@ -137,9 +140,9 @@ class FasterMoESim:
     def layer(self, bank: str, rows_E: list[int]) -> LayerCost:
         src = even_sources(rows_E, self.c.world)
         order = sorted(range(len(rows_E)), key=lambda e: (-rows_E[e], e))
-        best = self._with_shadows(src, set())
+        best = self._with_shadows(src, [])
         for k in range(1, min(len(order), self.max_shadows) + 1):
-            trial = self._with_shadows(src, set(order[:k]))
+            trial = self._with_shadows(src, order[:k])
             if trial.total_s >= best.total_s:
                 break  # hotter experts first: once a shadow stops paying, colder ones won't
             best = trial
