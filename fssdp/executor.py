@@ -19,6 +19,14 @@ ranks, K experts this rank owns, R replicas it holds this step, S elements per e
    the owners' gradients and divides by W (DDP's mean convention).
 Without grad (evaluation) the bank runs as EP: owners compute, nothing is gathered or kept.
 
+[Note: a step without replicas runs as EP]
+When the step's placement is the ownership (the cost gate found that replication cannot pay,
+[Note: when replication pays] in fssdp/policy.py; or m = 0), no rank holds a replica and no
+rank transfers anything (placements are identical on every rank). Each call then takes EP's
+path exactly: the static route (every row to its owner) instead of the assignment, the owned
+parameters' compute with no replica leaf, no tie to it and no gradient hook, so the step costs
+what EP's does plus the gate's O(W E) test at the first call.
+
 [Note: three process groups]
 Collectives must be issued in the same order on every rank within a group. Three sources issue
 them, each in an order fixed by the model's structure, but their interleaving is not: it depends
@@ -45,7 +53,7 @@ from torch import Tensor
 from collectives.placement import Placement
 from fssdp.assign import assign_tokens
 from fssdp.counts import CountExchange
-from fssdp.dispatch import CallStats, Tie, exchange_compute
+from fssdp.dispatch import CallStats, Compute, Tie, exchange_compute
 from fssdp.ep import local_index
 from fssdp.policy import PlacementPolicy
 from fssdp.precision import rows, weights
@@ -86,6 +94,9 @@ class FSSDPExecutor:
         # bf16: owners compute with casts of their rows, replicas arrive in bf16
         # ([Note: mixed precision of experts] in fssdp/precision.py)
         self.compute_dtype = compute_dtype
+        # EP's tables (owner and local index per expert) for the ownership they were made for
+        self._static_for: Placement | None = None
+        self._owner_E = self._lut_E = torch.empty(0, dtype=torch.long)
         self._reset()
 
     def _reset(self) -> None:
@@ -154,6 +165,8 @@ class FSSDPExecutor:
             return self._call_static(bank, x_ND, expert_N, counts_WE)
         self.used |= bool(total_E.sum() > 0)
         rows_RS = self._materialize(counts_WE, x_ND.device)
+        if not self.replicas.transfers:  # [Note: a step without replicas runs as EP]
+            return exchange_compute(ex, x_ND, expert_N, *self._static(bank, counts_WE))
         placement = self.replicas.placement
         assert placement is not None
         with ex.phases.phase("dispatch"):
@@ -174,19 +187,29 @@ class FSSDPExecutor:
         rows_RS = self.replicas.wait(x_ND.device, training=True)
         placement = self.replicas.placement
         assert placement is not None
-        with self.ex.phases.phase("dispatch"):
-            route = assign_tokens(counts_WE, placement, self.policy.topology)
-        compute = self._compute_fn(bank, placement, rows_RS)
+        if not self.replicas.transfers:  # as the first forward did
+            route, compute = self._static(bank, counts_WE)
+        else:
+            with self.ex.phases.phase("dispatch"):
+                route = assign_tokens(counts_WE, placement, self.policy.topology)
+            compute = self._compute_fn(bank, placement, rows_RS)
         return exchange_compute(self.ex, x_ND, expert_N, route, compute, recompute=True)
 
     def _call_static(
         self, bank: ExpertBank, x_ND: Tensor, expert_N: Tensor, counts_WE: Tensor
     ) -> Tensor:
+        return exchange_compute(self.ex, x_ND, expert_N, *self._static(bank, counts_WE))
+
+    def _static(self, bank: ExpertBank, counts_WE: Tensor) -> tuple[StaticRoute, Compute]:
+        """EP's route and compute for the current owners (their tables made once per
+        ownership: re-sharding replaces the policy's ownership object)."""
         own = self.policy.ownership
-        owner_E = torch.tensor(own.owner, dtype=torch.long)
-        lut_E = local_index(bank.expert_ids or (), bank.num_experts, x_ND.device)
-        compute = self._owned_compute(bank, lut_E)
-        return exchange_compute(self.ex, x_ND, expert_N, StaticRoute(counts_WE, owner_E), compute)
+        if self._static_for is not own:
+            dev = counts_WE.device
+            self._owner_E = own.owner_E.to(dev)
+            self._lut_E = local_index(bank.expert_ids or (), bank.num_experts, dev)
+            self._static_for = own
+        return StaticRoute(counts_WE, self._owner_E), self._owned_compute(bank, self._lut_E)
 
     def _owned_compute(self, bank: ExpertBank, lut_E: Tensor):  # noqa: ANN202
         """compute(x_MD, expert_M) over owned experts only: EP's compute."""

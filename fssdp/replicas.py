@@ -11,7 +11,8 @@ Under gradient accumulation the replicas stay HELD across the step's micro-batch
 placement per step, their `.grad` accumulating): the hook starts the reduce only in the last
 micro-batch's backward ([Note: sync per step] in fssdp/strategies/base.py).
 A step whose placement has no replica anywhere skips every transfer (`transfers` is False on
-every rank alike: placements are identical across ranks). The replicas are one leaf tensor
+every rank alike: placements are identical across ranks) and keeps no gradient leaf: its calls
+run as EP's ([Note: a step without replicas runs as EP] in fssdp/executor.py). The replicas are one leaf tensor
 `[R, S]` per step; every call's backward accumulates into its `.grad`, and autograd runs the
 leaf's accumulation once, after the bank's last backward use: its hook issues the spRS. Each
 call ties its output to the leaf (`fssdp.dispatch.Tie`), so the hook fires on every rank, even
@@ -145,12 +146,18 @@ class Replicas:
             held_TS = self._pending.wait()
             self._pending = None
             rows_RS = held_TS.index_select(0, self._replica_rows(device))
-        if training:
+        self._hold(rows_RS, training)
+        self.state = ReplicaState.HELD
+        return rows_RS
+
+    def _hold(self, rows_RS: Tensor, training: bool) -> None:
+        """Keep `rows_RS` as this step's replicas: a leaf whose accumulated gradient starts the
+        reduce, when training with replicas somewhere (else no call ties to it: EP's path,
+        [Note: a step without replicas runs as EP] in fssdp/executor.py)."""
+        if training and self.transfers:
             rows_RS.requires_grad_(True)
             rows_RS.register_post_accumulate_grad_hook(self._start_reduce)
         self.leaf = rows_RS
-        self.state = ReplicaState.HELD
-        return rows_RS
 
     def _replica_rows(self, device: torch.device) -> Tensor:
         """Positions of the replicas among this rank's held experts (spAG output order)."""
@@ -159,12 +166,36 @@ class Replicas:
         return torch.tensor([pos[e] for e in self.ids], dtype=torch.long, device=device)
 
     def extend(self, better: Placement, device: torch.device) -> Tensor:
-        """Calibration: gather the extra replicas of `better` ⊇ this step's placement now."""
+        """Calibration: hold `better`'s replicas instead of this step's, gathering now only the
+        pairs the held placement lacks ([Note: re-planning the prefetched slots] in
+        fssdp/plan_exact.py); replicas `better` drops are let go."""
         self._assert_in(ReplicaState.HELD)
-        assert self.ownership is not None and self.leaf is not None
-        self.state, self.leaf, self.placement = ReplicaState.IDLE, None, None
-        self.gather(self.ownership, better)
-        return self.wait(device, training=True)
+        held, ownership = self.placement, self.ownership
+        assert held is not None and ownership is not None and self.leaf is not None
+        union = held.with_pairs(*better.pairs_P())
+        with torch.no_grad():
+            held_FS = self._held_rows(held, self.leaf.detach())
+            if union.pairs_P()[0].numel() > held.pairs_P()[0].numel():
+                held_FS = self._spag(held_FS, held, union, "spag-calibrate").wait()
+        pos = {e: i for i, e in enumerate(union.held(self.rank))}
+        self.placement = better
+        self.ids = [e for e in better.held(self.rank) if ownership.owner[e] != self.rank]
+        index = torch.tensor([pos[e] for e in self.ids], dtype=torch.long, device=device)
+        rows_RS = held_FS.index_select(0, index)
+        self._hold(rows_RS, training=True)
+        return rows_RS
+
+    def _held_rows(self, placement: Placement, replicas_RS: Tensor) -> Tensor:
+        """[F, S] every row this rank holds under `placement` (owned and replicas, by expert
+        id): the spAG input when the held replicas are sources too."""
+        held = placement.held(self.rank)
+        mine = [i for i, e in enumerate(held) if placement.owner[e] == self.rank]
+        theirs = [i for i, e in enumerate(held) if placement.owner[e] != self.rank]
+        dev = replicas_RS.device
+        out = replicas_RS.new_empty(len(held), self.layout.numel)
+        out[torch.tensor(mine, dtype=torch.long, device=dev)] = self._owned_rows().to(dev)
+        out[torch.tensor(theirs, dtype=torch.long, device=dev)] = replicas_RS
+        return out
 
     # -- rematerialisation --------------------------------------------------------------------
     def free(self) -> None:

@@ -101,7 +101,7 @@ def hecate_table(sim: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-SCALING_SYSTEMS = ("fssdp", "fssdp_balance_only", "fssdp_predict", "fastermoe",
+SCALING_SYSTEMS = ("fssdp", "fssdp_balance_only", "fssdp_predict", "fssdp_calibrate", "fastermoe",
                    "fastermoe_unbounded")  # fmt: skip
 
 

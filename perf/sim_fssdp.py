@@ -144,9 +144,13 @@ class FSSDPSim:
         est.update(rows_E)
         cost = layer_cost(self.w, self.c, rows, a2a_cost(src, plan, self.w, self.c))
         cost.plan_s = plan_s
-        self._materialize(cost, own, p1, self._hide_fwd_s())
-        if p2 is not p1:  # calibration's extra copies: gathered after routing, not hidden
-            self._materialize(cost, p1, p2, 0.0)
+        if p2 is p1:
+            self._materialize(cost, own, p1, self._hide_fwd_s())
+        else:  # calibration: the pairs p1 lacks gathered after routing, not hidden; p2's
+            # gradients reduced (p2 may drop some of p1's replicas, Replicas.extend)
+            self._materialize(cost, own, p1, self._hide_fwd_s(), ("spag",))
+            self._materialize(cost, p1, p1.with_pairs(*p2.pairs_P()), 0.0, ("spag",))
+            self._materialize(cost, own, p2, 0.0, ("sprs",))
         self.prev_fwd_s = (cost.dense_s + cost.expert_s + cost.a2a_s) / 3
         return cost
 
@@ -159,14 +163,24 @@ class FSSDPSim:
     def _bytes_e(self) -> int:
         return self.w.expert_params * self.w.param_bytes
 
-    def _materialize(self, cost: LayerCost, base: Placement, p: Placement, hide: float) -> None:
+    def _materialize(
+        self,
+        cost: LayerCost,
+        base: Placement,
+        p: Placement,
+        hide: float,
+        what: tuple[str, ...] = ("spag", "sprs"),
+    ) -> None:
         """spAG base → p (hidden behind `hide` seconds) and the spRS back (behind the attention
-        backward), priced as the runtime's schedules ([Note: pricing the runtime's spAG])."""
+        backward), priced as the runtime's schedules ([Note: pricing the runtime's spAG]);
+        `what` says which of the two to charge."""
         w, c = self.w, self.c
         copies = int((p.num_holders_E() - base.num_holders_E()).sum())
         if not copies:
             return
-        ag, rs = spag_s(base, p, c, w.expert_params * w.param_bytes, w.expert_params * w.grad_bytes)
-        cost.exposed_s += max(0.0, ag - hide) + max(0.0, rs - 2 * attn_fwd_s(w, c))
-        cost.bytes["spag"] = cost.bytes.get("spag", 0.0) + copies * w.expert_params * w.param_bytes
-        cost.bytes["sprs"] = cost.bytes.get("sprs", 0.0) + copies * w.expert_params * w.grad_bytes
+        per_copy = {"spag": w.expert_params * w.param_bytes, "sprs": w.expert_params * w.grad_bytes}
+        times = spag_s(base, p, c, *(per_copy[k] for k in what))
+        hides = {"spag": hide, "sprs": 2 * attn_fwd_s(w, c)}
+        for k, t in zip(what, times):
+            cost.exposed_s += max(0.0, t - hides[k])
+            cost.bytes[k] = cost.bytes.get(k, 0.0) + copies * per_copy[k]

@@ -59,6 +59,14 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "fssdp_calibrate_all_to_one": (
         "all_to_one", ["parallel=fssdp", "parallel.plan_mode=calibrate"]
     ),
+    # no replica anywhere (m = 0): every call takes EP's path inside fssdp ([Note: a step
+    # without replicas runs as EP]), also when checkpointing recomputes it
+    "fssdp_no_replicas": (
+        "skewed",
+        ["parallel=fssdp", "parallel.memory_cap=0", "train.activation_checkpointing=full"],
+    ),
+    # the cost gate on: the bank runs as EP where replication cannot pay, else balanced
+    "fssdp_gated": ("skewed", ["parallel=fssdp", "parallel.cost_aware=true"]),
     "fssdp_spread": (
         "skewed",
         [
@@ -155,7 +163,8 @@ def test_strategies_match_single_process(reference: dict[str, Any], world: int) 
     # exact mode plans inside the step: the logged placement is the one the step ran with
     # (logging the next step's predict plan would show no replicas here).
     assert any(sum(r) > 0 for r in got["fssdp_exact"]["probe"]["placements"].values())
-    assert all(sum(r) == 0 for r in got["ep_skewed"]["probe"]["placements"].values())
+    for name in ("ep_skewed", "fssdp_no_replicas"):
+        assert all(sum(r) == 0 for r in got[name]["probe"]["placements"].values()), name
     assert any(sum(r) > 0 for r in got["fssdp_nodes"]["probe"]["placements"].values())
     first = got["fssdp_spread"]["probe"]["owners"]
     moved = got["fssdp_reshard"]["probe"]["owners"]
