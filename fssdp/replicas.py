@@ -13,10 +13,11 @@ micro-batch's backward ([Note: sync per step] in fssdp/strategies/base.py).
 A step whose placement has no replica anywhere skips every transfer (`transfers` is False on
 every rank alike: placements are identical across ranks) and keeps no gradient leaf: its calls
 run as EP's ([Note: a step without replicas runs as EP] in fssdp/executor.py). The replicas
-are one leaf tensor `[R, S]` per step; every call's backward accumulates into its `.grad`, and autograd runs the
-leaf's accumulation once, after the bank's last backward use: its hook issues the spRS. Each
-call ties its output to the leaf (`fssdp.dispatch.Tie`), so the hook fires on every rank, even
-one that holds no replica or computes no row (the others wait in the collective otherwise).
+are one leaf tensor `[R, S]` per step; every call's backward accumulates into its `.grad`, and
+autograd runs the leaf's accumulation once, after the bank's last backward use: its hook
+issues the spRS. Each call ties its output to the leaf (`fssdp.dispatch.Tie`), so the hook
+fires on every rank, even one that holds no replica or computes no row (the others wait in the
+collective otherwise).
 """
 
 from __future__ import annotations
