@@ -89,6 +89,9 @@ class Assignment:
         self._fill, self._rows_P, self._rank_P = chunks, rows_P, rank_P
         self._moves: Tensor | None = None
         self._plan: Plan | None = None
+        # per-rank views, made once: a call asks for its rank's receive counts and received
+        # experts (both from `_to_dst`), and its send order
+        self._dst: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
 
     # -- per-rank accessors (what the executor uses) --------------------------------------------
     def rows_per_rank(self) -> Tensor:
@@ -115,6 +118,11 @@ class Assignment:
 
     def _to_dst(self, dst: int) -> tuple[Tensor, Tensor, Tensor]:
         """(src, expert, rows) of every chunk to `dst` with rows > 0, unordered."""
+        if dst not in self._dst:
+            self._dst[dst] = self._chunks_to(dst)
+        return self._dst[dst]
+
+    def _chunks_to(self, dst: int) -> tuple[Tensor, Tensor, Tensor]:
         W = self.world_size
         d_C, n_C = self._fill.dense
         cell = torch.nonzero((d_C == dst) & (n_C > 0)).flatten()
