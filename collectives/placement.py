@@ -169,10 +169,14 @@ class Placement:
         return Placement._trusted(self._owner_E, pe, pr, self.world_size)
 
     def ownership(self) -> Placement:
-        """P0 of this placement: same owners, no replicas."""
-        E = self.num_experts
-        ar = torch.arange(E, device=self._owner_E.device)
-        return Placement._trusted(self._owner_E, ar, self._owner_E, self.world_size)
+        """P0 of this placement: same owners, no replicas (made once: calibration re-plans
+        from it every bank step, and its own caches then carry over)."""
+
+        def build() -> Placement:
+            ar = torch.arange(self.num_experts, device=self._owner_E.device)
+            return Placement._trusted(self._owner_E, ar, self._owner_E, self.world_size)
+
+        return self._py("ownership", build)
 
     def to(self, device: torch.device | str) -> Placement:
         """The same placement with its tensors on `device` (cached per device)."""
