@@ -36,6 +36,8 @@ def _extend_job(rank: int, world: int) -> dict:
     first = rep.bytes["spag"]
     rows_RS = rep.extend(own.with_replicas(BETTER), torch.device("cpu"))
     assert rep.state is ReplicaState.HELD
+    # bit for bit: a transferred copy of the owner's row, against the very same computation
+    # (expert_row) made here; no arithmetic happens in between
     rows_ok = all(torch.equal(rows_RS[i], expert_row(e)) for i, e in enumerate(rep.ids))
     (rows_RS * (rank + 1)).sum().backward()  # replica of e on rank r: gradient r + 1
     reduced = rep.finish()

@@ -65,6 +65,8 @@ CASES: dict[str, tuple[str, list[str]]] = {
         "skewed",
         ["parallel=fssdp", "parallel.memory_cap=0", "train.activation_checkpointing=full"],
     ),
+    "fssdp_no_replicas_two_hot": ("two_hot", ["parallel=fssdp", "parallel.memory_cap=0"]),
+    "fssdp_no_replicas_all_to_one": ("all_to_one", ["parallel=fssdp", "parallel.memory_cap=0"]),
     # the cost gate on: the bank runs as EP where replication cannot pay, else balanced
     "fssdp_gated": ("skewed", ["parallel=fssdp", "parallel.cost_aware=true"]),
     "fssdp_spread": (
@@ -163,7 +165,7 @@ def test_strategies_match_single_process(reference: dict[str, Any], world: int) 
     # exact mode plans inside the step: the logged placement is the one the step ran with
     # (logging the next step's predict plan would show no replicas here).
     assert any(sum(r) > 0 for r in got["fssdp_exact"]["probe"]["placements"].values())
-    for name in ("ep_skewed", "fssdp_no_replicas"):
+    for name in ("ep_skewed", *(n for n in got if n.startswith("fssdp_no_replicas"))):
         assert all(sum(r) == 0 for r in got[name]["probe"]["placements"].values()), name
     assert any(sum(r) > 0 for r in got["fssdp_nodes"]["probe"]["placements"].values())
     first = got["fssdp_spread"]["probe"]["owners"]

@@ -236,4 +236,6 @@ def test_calibration_prices_arrived_copies_as_free() -> None:
     dear = price(cuts, own.owner_E, before, 1e3, 1e-6)
     assert dear.net_s < 0
     arrived = price(cuts, own.owner_E, before, 1e3, 1e-6, torch.ones(8, 4, dtype=torch.bool))
+    # exact: both are gain - 0 (no copy counted, or copies at 0 s each), the same tensors and
+    # the same ops on them
     assert arrived.net_s == free.net_s and torch.equal(arrived.take_S, free.take_S)
