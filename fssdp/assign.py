@@ -16,12 +16,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from collectives.placement import Placement, Topology
 from fssdp.fill import Fill, fill
-from fssdp.quotas import LEVEL_GAIN, holder_rows, load_W
+from fssdp.host import add_at, host, host_array
+from fssdp.quotas import LEVEL_GAIN, holder_rows
 
 __all__ = [
     "LEVEL_GAIN",
@@ -79,80 +81,79 @@ class Assignment:
 
     `moves` [M, 4] int64 rows (src, expert, dst, rows), rows > 0, sorted by (src, expert,
     dst), one row per (src, expert, dst). Per-rank accessors (`send_counts`, `recv_counts`,
-    `send_order`, `received_experts`) read the fill directly (O(E + P) or O(W E) elementwise
-    per call); `moves` and the nested-list view `assignment[s][e] -> [(dst, n), ...]` are built
-    on first use.
+    `send_order`, `received_experts`) read the fill's host arrays directly (O(E + P) or
+    O(W E) elementwise per call; [Note: the control plane on the host] in fssdp/host.py) and
+    return lists or tensors on the counts' device; `moves` and the nested-list view
+    `assignment[s][e] -> [(dst, n), ...]` are built on first use.
     """
 
-    def __init__(self, W: int, E: int, chunks: Fill, rows_P: Tensor, rank_P: Tensor) -> None:
+    def __init__(
+        self, W: int, E: int, chunks: Fill, rows_P: np.ndarray, rank_P: np.ndarray,
+        device: torch.device,
+    ) -> None:
         self.world_size, self.num_experts = W, E
         self._fill, self._rows_P, self._rank_P = chunks, rows_P, rank_P
+        self.device = device  # the counts' device: where tensors handed out live
         self._moves: Tensor | None = None
         self._plan: Plan | None = None
         # per-rank views, made once: a call asks for its rank's receive counts and received
         # experts (both from `_to_dst`), and its send order
-        self._dst: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        self._dst: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     # -- per-rank accessors (what the executor uses) --------------------------------------------
     def rows_per_rank(self) -> Tensor:
         """[W] int64: rows each rank computes."""
-        return load_W(self._rows_P, self._rank_P, self.world_size)
+        return torch.from_numpy(add_at(self.world_size, self._rank_P, self._rows_P))
 
-    def _of_src(self, src: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _of_src(self, src: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(expert, dst, rows) of every chunk of `src` (rows may be 0)."""
         W, E = self.world_size, self.num_experts
-        cells = torch.arange(E, device=self._rank_P.device) * W + src
         d_C, n_C = self._fill.dense
-        es, ds, ns = [cells // W], [d_C.index_select(0, cells)], [n_C.index_select(0, cells)]
         cell_S, dst_S, rows_S = self._fill.sparse
-        mine = (cell_S % W == src) & (rows_S > 0)
-        es.append(cell_S[mine] // W)
-        ds.append(dst_S[mine])
-        ns.append(rows_S[mine])
-        return torch.cat(es), torch.cat(ds), torch.cat(ns)
+        mine = np.flatnonzero((cell_S % W == src) & (rows_S > 0))
+        e = np.concatenate([np.arange(E), cell_S[mine] // W])
+        d = np.concatenate([d_C[src::W], dst_S[mine]])
+        return e, d, np.concatenate([n_C[src::W], rows_S[mine]])
 
     def send_counts(self, src: int) -> list[int]:
         """Rows `src` sends to each dst (its own entry counts rows that stay local)."""
         _, d, n = self._of_src(src)
-        return torch.zeros(self.world_size, dtype=I64, device=d.device).index_add_(0, d, n).tolist()
+        return add_at(self.world_size, d, n).tolist()
 
-    def _to_dst(self, dst: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _to_dst(self, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(src, expert, rows) of every chunk to `dst` with rows > 0, unordered."""
         if dst not in self._dst:
             self._dst[dst] = self._chunks_to(dst)
         return self._dst[dst]
 
-    def _chunks_to(self, dst: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _chunks_to(self, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         W = self.world_size
         d_C, n_C = self._fill.dense
-        cell = torch.nonzero((d_C == dst) & (n_C > 0)).flatten()
-        ss, es, ns = [cell % W], [cell // W], [n_C.index_select(0, cell)]
         cell_S, dst_S, rows_S = self._fill.sparse
-        mine = (dst_S == dst) & (rows_S > 0)
-        ss.append(cell_S[mine] % W)
-        es.append(cell_S[mine] // W)
-        ns.append(rows_S[mine])
-        return torch.cat(ss), torch.cat(es), torch.cat(ns)
+        dense = np.flatnonzero((d_C == dst) & (n_C > 0))
+        mine = np.flatnonzero((dst_S == dst) & (rows_S > 0))
+        cell = np.concatenate([dense, cell_S[mine]])
+        return cell % W, cell // W, np.concatenate([n_C[dense], rows_S[mine]])
 
     def recv_counts(self, dst: int) -> list[int]:
         """Rows `dst` gets from each src."""
         s, _, n = self._to_dst(dst)
-        return torch.zeros(self.world_size, dtype=I64, device=s.device).index_add_(0, s, n).tolist()
+        return add_at(self.world_size, s, n).tolist()
 
     def received_experts(self, dst: int) -> Tensor:
         """[M_dst] int64: the expert of every row `dst` receives, by src, then expert."""
         s, e, n = self._to_dst(dst)
-        order = torch.argsort(s * self.num_experts + e, stable=True)
-        return torch.repeat_interleave(e[order], n[order])
+        order = np.argsort(s * self.num_experts + e, kind="stable")
+        return torch.from_numpy(np.repeat(e[order], n[order])).to(self.device)
 
     def send_order(self, expert_N: Tensor, src: int) -> tuple[Tensor, list[int]]:
         """(perm_N, send_counts(src)): src's rows (indices into expert_N, on its device)
         grouped by dst ascending, within a dst by expert ascending; a source's rows of expert e
         are cut, in their original order, into its chunks in dst order."""
         e, d, n = self._of_src(src)
-        keep = n > 0
+        keep = np.flatnonzero(n > 0)
         e, d, n = e[keep], d[keep], n[keep]
-        order = torch.argsort(e * self.world_size + d, stable=True)
+        order = np.argsort(e * self.world_size + d, kind="stable")
         d, n = d[order], n[order]
         if int(n.sum()) != expert_N.numel():
             raise ValueError(
@@ -161,10 +162,9 @@ class Assignment:
             )
         dev = expert_N.device
         order_N = torch.argsort(expert_N, stable=True)
-        dst_N = torch.repeat_interleave(d.to(dev), n.to(dev))
+        dst_N = torch.from_numpy(np.repeat(d, n)).to(dev)
         perm_N = torch.argsort(dst_N, stable=True)
-        counts = torch.zeros(self.world_size, dtype=I64, device=d.device).index_add_(0, d, n)
-        return order_N.index_select(0, perm_N), counts.tolist()
+        return order_N.index_select(0, perm_N), add_at(self.world_size, d, n).tolist()
 
     # -- global views -------------------------------------------------------------------------
     @property
@@ -172,18 +172,15 @@ class Assignment:
         """[M, 4] int64 (src, expert, dst, rows), sorted by (src, expert, dst)."""
         if self._moves is None:
             W, E = self.world_size, self.num_experts
-            ss, es, ds, ns = [], [], [], []
+            d_C, n_C = self._fill.dense
             cell_S, dst_S, rows_S = self._fill.sparse
-            for cell, d, n in [(None, *self._fill.dense), (cell_S, dst_S, rows_S)]:
-                keep = torch.nonzero(n > 0).flatten()
-                c = keep if cell is None else cell[keep]
-                ss.append(c % W)
-                es.append(c // W)
-                ds.append(d[keep])
-                ns.append(n[keep])
-            m = torch.stack([torch.cat(x) for x in (ss, es, ds, ns)], 1)
+            dense, sparse = np.flatnonzero(n_C > 0), np.flatnonzero(rows_S > 0)
+            c = np.concatenate([dense, cell_S[sparse]])
+            d = np.concatenate([d_C[dense], dst_S[sparse]])
+            n = np.concatenate([n_C[dense], rows_S[sparse]])
+            m = np.stack([c % W, c // W, d, n], 1)
             key = (m[:, 0] * E + m[:, 1]) * W + m[:, 2]
-            self._moves = m[torch.argsort(key)]
+            self._moves = torch.from_numpy(m[np.argsort(key)]).to(self.device)
         return self._moves
 
     def _nested(self) -> Plan:
@@ -236,12 +233,14 @@ def assign_tokens(counts_WE: Any, placement: Placement, topology: Topology) -> A
         counts = as_counts(counts_WE, W, E)
     pl = placement.to(counts.device)
     if E == 0:
-        z = counts.new_zeros(0)
-        return Assignment(W, E, Fill((z, z), ([z], [z], [z])), z, z)
+        z = np.zeros(0, dtype=np.int64)
+        return Assignment(W, E, Fill((z, z), (z, z, z)), z, z, counts.device)
     rows_P = holder_rows(counts, pl, topology)
-    pe, pr = pl.pairs_P()
-    chunks = fill(counts.t().contiguous(), pe, pr, pl.cells_P(), rows_P, topology.ranks_per_node)
-    return Assignment(W, E, chunks, rows_P, pr)
+    hp = host(pl)
+    # a fresh contiguous copy (fill overwrites it)
+    counts_EW = host_array(counts.t().clone(memory_format=torch.contiguous_format))
+    chunks = fill(counts_EW, hp.expert_P, hp.rank_P, hp.cell_P, rows_P, topology.ranks_per_node)
+    return Assignment(W, E, chunks, rows_P, hp.rank_P, counts.device)
 
 
 def rows_per_rank(counts_WE: Any, plan: Assignment | Plan) -> list[int]:

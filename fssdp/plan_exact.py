@@ -2,22 +2,24 @@
 
 Legend: W ranks, E experts, P holder pairs of the base placement, B candidate plans, S
 overlaps (candidate replicas with their rows), lam the target rows per rank (the mean, rounded
-up). Integer tensor code on the counts' device; ties break by expert id, then rank id, so every
-rank plans the same placement.
+up). Integer numpy code on host arrays ([Note: the control plane on the host] in fssdp/host.py);
+the placement returned lives on the counts' device. Ties break by expert id, then rank id, so
+every rank plans the same placement.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from collectives.placement import Placement, PlannedRows, Topology
-from fssdp.quotas import holder_rows, load_W
-from fssdp.segments import rank_in_runs
+from fssdp.host import add_at, host, host_array
+from fssdp.quotas import holder_rows
+from fssdp.segments import lengths, rank_in_runs
 
-I64 = torch.int64
 BIG = 1 << 42  # above any row count a bank sees in one step (checked in _check_rows)
 
 # [Note: exact mode]
@@ -43,144 +45,136 @@ ROOMS_UP = (0, 0, 0, 1, 1, 1)  # 1: rooms smallest first
 
 @dataclass
 class Cuts:
-    """The candidates' cuts and what each candidate's ranks end with ([Note: exact mode]).
+    """The candidates' cuts and what each candidate's ranks end with ([Note: exact mode]),
+    as host arrays ([Note: the control plane on the host]).
 
     A cut is a piece of one shedding pair landing in one room; cuts are listed per piece
     (the cut ending the piece) then per room (the cut ending the room inside a piece)."""
 
-    b_S: Tensor  # candidate of each cut
-    e_S: Tensor  # expert
-    u_S: Tensor  # receiving rank
-    n_S: Tensor  # rows (0: no cut, or rejected by the slot cap)
-    new_S: Tensor  # True when the receiver did not hold the expert (a new replica)
-    src_S: Tensor  # the shedding rank
-    pair_S: Tensor  # the shedding pair (index into the base pairs)
-    rows_BW: Tensor  # rows per rank per candidate, all cuts taken
-    base_P: Tensor  # rows per base pair before shedding
+    b_S: np.ndarray  # candidate of each cut
+    e_S: np.ndarray  # expert
+    u_S: np.ndarray  # receiving rank
+    n_S: np.ndarray  # rows (0: no cut, or rejected by the slot cap)
+    new_S: np.ndarray  # True when the receiver did not hold the expert (a new replica)
+    src_S: np.ndarray  # the shedding rank
+    pair_S: np.ndarray  # the shedding pair (index into the base pairs)
+    rows_BW: np.ndarray  # rows per rank per candidate, all cuts taken
+    base_P: np.ndarray  # rows per base pair before shedding
 
 
-_CONSTS: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+KEEP4 = np.array(KEEP, dtype=np.int64)
+B_OFF = ((np.arange(len(KEEP), dtype=np.int64) * 2 + 1) * BIG)[:, None]  # candidate offsets
+ROOM_SIGN = (1 - 2 * np.array(ROOMS_UP, dtype=np.int64))[:, None]
 
 
-def _consts(dev: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """(KEEP numerators [B], candidate offsets [B, 1]) on `dev`, made once per device."""
-    key = str(dev)
-    if key not in _CONSTS:
-        keep = torch.tensor(KEEP, dtype=I64, device=dev)
-        sign = 1 - 2 * torch.tensor(ROOMS_UP, dtype=I64, device=dev)[:, None]
-        _CONSTS[key] = (keep, (torch.arange(len(KEEP), device=dev)[:, None] * 2 + 1) * BIG, sign)
-    return _CONSTS[key]
-
-
-def _check_rows(counts_WE: Tensor, total: Tensor) -> None:
+def _check_rows(counts: np.ndarray, total: int) -> None:
     """Counts >= 0 (validated here, once, for plan and assign) and under 2^42 in all."""
-    lo, tot = torch.stack([counts_WE.min(), total]).tolist()
-    if lo < 0:
-        s = int(torch.nonzero((counts_WE < 0).any(1))[0])
-        raise ValueError(f"counts_WE[{s}] has a negative count: {counts_WE[s].tolist()}")
-    if tot >= BIG:
-        raise ValueError(f"planner: {tot} rows in one bank step is beyond 2^42")
+    if counts.size and counts.min() < 0:
+        s = int(np.flatnonzero((counts < 0).any(1))[0])
+        raise ValueError(f"counts_WE[{s}] has a negative count: {counts[s].tolist()}")
+    if total >= BIG:
+        raise ValueError(f"planner: {total} rows in one bank step is beyond 2^42")
 
 
-def _base_consts(base: Placement, B: int) -> tuple[Tensor, Tensor, Tensor]:
+def _base_consts(base: Placement, B: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rank_P * BIG, arange(B P), arange(B W)) for a base placement, cached on it."""
-    key = ("plan_exact", B)
+    key = ("plan_exact_host", B)
     if key not in base._cache:
-        pe, pr = base.pairs_P()
-        dev = pe.device
-        base._cache[key] = (
-            pr * BIG,
-            torch.arange(B * pe.numel(), device=dev),
-            torch.arange(B * base.world_size, device=dev),
-        )
+        pr = host(base).rank_P
+        base._cache[key] = (pr * BIG, np.arange(B * pr.size), np.arange(B * base.world_size))
     return base._cache[key]
 
 
 def cut(counts_WE: Tensor, base: Placement, topology: Topology, m: int) -> Cuts:
     """Every candidate of [Note: exact mode] for counts_WE on top of `base`."""
-    W, dev = base.world_size, counts_WE.device
-    pe, pr = base.pairs_P()
-    P, owner_only = pe.numel(), base.is_ownership_only()
-    q_P = counts_WE.sum(0) if owner_only else holder_rows(counts_WE, base, topology)
-    load = torch.zeros(W, dtype=I64, device=dev).index_add_(0, pr, q_P)
-    total = q_P.sum()
-    _check_rows(counts_WE, total)
+    W = base.world_size
+    hb = host(base)
+    pe, pr = hb.expert_P, hb.rank_P
+    P, owner_only = pe.size, base.is_ownership_only()
+    counts = host_array(counts_WE)
+    if owner_only:
+        q_P = counts.sum(0)
+    else:
+        q_P = holder_rows(counts_WE, base, topology)
+    load = add_at(W, pr, q_P)
+    total = int(q_P.sum())
+    _check_rows(counts, total)
     lam = (total + (W - 1)) // W
-    keep4, boff, sign = _consts(dev)
-    B = keep4.numel()
+    B = KEEP4.size
     pr_big, ar_BP, ar_BW = _base_consts(base, B)
-    order = torch.argsort(pr_big - q_P, stable=True)  # by rank, largest holding first
-    q_s, r_s = q_P.index_select(0, order), pr.index_select(0, order)
-    lcum = load.cumsum(0)
-    over_s = q_s.cumsum(0) - (lcum - load).index_select(0, r_s) - q_s  # my rank's rows before me
-    excess_BW = (load - (lam * keep4 // 4)[:, None]) * (load > lam)
-    shed_BP = torch.minimum(excess_BW.index_select(1, r_s) - over_s, q_s).clamp_(min=0)
-    kept_BW = load - torch.zeros_like(excess_BW).index_add_(1, r_s, shed_BP)
-    room_BW = (lam - kept_BW).clamp_(min=0)
-    free_W = None if owner_only else (m - base.replicas_W()).clamp_(min=0)
+    order = np.argsort(pr_big - q_P, kind="stable")  # by rank, largest holding first
+    q_s, r_s = q_P[order], pr[order]
+    lcum = load.cumsum()
+    over_s = q_s.cumsum() - (lcum - load)[r_s] - q_s  # my rank's rows before me
+    excess_BW = (load - (lam * KEEP4 // 4)[:, None]) * (load > lam)
+    shed_BP = np.maximum(np.minimum(excess_BW[:, r_s] - over_s, q_s), 0)
+    shed_W = add_at(B * W, (ar_BW.reshape(B, W)[:, :1] + r_s).ravel(), shed_BP.ravel())
+    kept_BW = load - shed_W.reshape(B, W)
+    room_BW = np.maximum(lam - kept_BW, 0)
+    free_W = None if owner_only else np.maximum(m - hb.replicas_W, 0)
     if free_W is not None:
         room_BW *= free_W > 0
-    piece = torch.argsort((boff - shed_BP).view(-1), stable=True)  # largest first, per candidate
-    room = torch.argsort((boff - sign * room_BW).view(-1), stable=True)
-    size = shed_BP.view(-1).index_select(0, piece)
-    a_end = size.cumsum(0)  # candidates end to end; each one's rooms cover its pieces
-    tot_B = a_end.view(B, P)[:, -1]
+    piece = np.argsort((B_OFF - shed_BP).ravel(), kind="stable")  # largest first, per candidate
+    room = np.argsort((B_OFF - ROOM_SIGN * room_BW).ravel(), kind="stable")
+    size = shed_BP.ravel()[piece]
+    a_end = size.cumsum()  # candidates end to end; each one's rooms cover its pieces
+    tot_B = a_end.reshape(B, P)[:, -1]
     off_B = tot_B - shed_BP.sum(1)
-    space = room_BW.view(-1).index_select(0, room).view(B, W)
-    r_end = torch.minimum(space.cumsum(1) + off_B[:, None], tot_B[:, None]).view(-1)
-    r_len = r_end - torch.nn.functional.pad(r_end[:-1], (1, 0))
-    c = torch.searchsorted(a_end, r_end, right=True)  # pieces ending up to room j's end
-    j = torch.bincount(c, minlength=a_end.numel() + 1)[:-1].cumsum_(0).clamp_(max=B * W - 1)
-    n_a = torch.minimum(size, a_end - (r_end - r_len).index_select(0, j))
-    i = torch.searchsorted(a_end, r_end).clamp_(max=B * P - 1)
-    n_r = torch.minimum(r_len, r_end - (a_end - size).index_select(0, i))
-    n_r = n_r * (r_end < a_end.index_select(0, i))
-    ia, ib = torch.cat([ar_BP, i]), torch.cat([j, ar_BW])
-    n = torch.cat([n_a, n_r])
+    space = room_BW.ravel()[room].reshape(B, W)
+    r_end = np.minimum(space.cumsum(1) + off_B[:, None], tot_B[:, None]).ravel()
+    r_len = lengths(r_end)
+    c = np.searchsorted(a_end, r_end, side="right")  # pieces ending up to room j's end
+    j = np.minimum(np.bincount(c, minlength=a_end.size + 1)[:-1].cumsum(), B * W - 1)
+    n_a = np.minimum(size, a_end - (r_end - r_len)[j])
+    i = np.minimum(np.searchsorted(a_end, r_end), B * P - 1)
+    n_r = np.minimum(r_len, r_end - (a_end - size)[i]) * (r_end < a_end[i])
+    ia, ib = np.concatenate([ar_BP, i]), np.concatenate([j, ar_BW])
+    n = np.concatenate([n_a, n_r])
     # slot rank of a cut in its room: largest first (a small tail must not take the slot a big
     # piece needs), ties in line order
-    by_room = torch.argsort(ib * BIG - n, stable=True)
-    k = torch.empty_like(by_room).index_copy_(0, by_room, rank_in_runs(ib.index_select(0, by_room)))
-    ps, u = piece.index_select(0, ia) % P, room.index_select(0, ib) % W
-    pair = order.index_select(0, ps)
-    e, src, b = pe.index_select(0, pair), r_s.index_select(0, ps), ib // W
+    by_room = np.argsort(ib * BIG - n, kind="stable")
+    k = np.empty_like(by_room)
+    k[by_room] = rank_in_runs(ib[by_room])
+    ps, u = piece[ia] % P, room[ib] % W
+    pair = order[ps]
+    e, src, b = pe[pair], r_s[ps], ib // W
     if free_W is None:  # ownership only: a cut into the owner's own room is no move at all
-        held = base.owner_E.index_select(0, e) == u
+        held = hb.owner_E[e] == u
         n = n * ((k < m) & ~held)
     else:
-        held = base.holders_EW().view(-1).index_select(0, e * W + u)
-        n = n * ((k < free_W.index_select(0, u)) | held)  # holders take cuts without a slot
-    rows_BW = torch.zeros(B * W, dtype=I64, device=dev).index_add_(
-        0, torch.cat([b * W + u, b * W + src]), torch.cat([n, -n])
-    ).view(B, W) + load
-    return Cuts(b, e, u, n, ~held, src, pair, rows_BW, q_P)
+        held = hb.holders_EW.ravel()[e * W + u]
+        n = n * ((k < free_W[u]) | held)  # holders take cuts without a slot
+    bw = b * W
+    rows_BW = add_at(B * W, np.concatenate([bw + u, bw + src]), np.concatenate([n, -n]))
+    return Cuts(b, e, u, n, ~held, src, pair, rows_BW.reshape(B, W) + load, q_P)
 
 
 def placement_from(
-    cuts: Cuts, take_S: Tensor, base: Placement, counts_WE: Tensor
+    cuts: Cuts, take_S: np.ndarray, base: Placement, counts_WE: Tensor
 ) -> Placement:
     """base + the cuts where take_S, with every pair's planned rows."""
     W = base.world_size
-    pe, pr = base.pairs_P()
-    keep = torch.nonzero(take_S).flatten()
-    n, pair = cuts.n_S.index_select(0, keep), cuts.pair_S.index_select(0, keep)
-    key_S = cuts.e_S.index_select(0, keep) * W + cuts.u_S.index_select(0, keep)
-    key = torch.cat([base.cells_P(), key_S])
-    rows = torch.cat([cuts.base_P.index_add(0, pair, -n), n])
+    hb = host(base)
+    keep = np.flatnonzero(take_S)
+    n, pair = cuts.n_S[keep], cuts.pair_S[keep]
+    key = np.concatenate([hb.cell_P, cuts.e_S[keep] * W + cuts.u_S[keep]])
+    rows = np.concatenate([cuts.base_P - add_at(cuts.base_P.size, pair, n), n])
     if base.is_ownership_only():  # cuts are new pairs, each (expert, rank) once
-        key_P, order = torch.sort(key)
-        rows_P = rows.index_select(0, order)
+        order = np.argsort(key)
+        key_P, rows_P = key[order], rows[order]
     else:  # a cut may land on a holder, or two shedders' pieces on one rank
-        key_P, inv = torch.unique(key, return_inverse=True)
-        rows_P = torch.zeros_like(key_P).index_add_(0, inv, rows)
-    planned = PlannedRows(counts_WE, rows_P)
-    return Placement._trusted(base.owner_E, key_P // W, key_P % W, W, planned, key_P)
+        key_P, inv = np.unique(key, return_inverse=True)
+        rows_P = add_at(key_P.size, inv, rows)
+    dev = counts_WE.device
+    t = lambda a: torch.from_numpy(a).to(dev)  # noqa: E731
+    planned = PlannedRows(counts_WE, t(rows_P))
+    return Placement._trusted(base.owner_E, t(key_P // W), t(key_P % W), W, planned, t(key_P))
 
 
 def plan_exact_t(counts_WE: Tensor, base: Placement, topology: Topology, m: int) -> Placement:
     """[Note: exact mode] on a validated [W, E] count tensor."""
     cuts = cut(counts_WE, base, topology, m)
-    best = torch.argmin(cuts.rows_BW.max(1).values)  # first of the lowest busiest rank
+    best = int(np.argmin(cuts.rows_BW.max(1)))  # first of the lowest busiest rank
     return placement_from(cuts, (cuts.b_S == best) & (cuts.n_S > 0), base, counts_WE)
 
 
@@ -205,7 +199,7 @@ def plan_exact_t(counts_WE: Tensor, base: Placement, topology: Topology, m: int)
 # gradient reduce with them); its gain is measured against the same `before`, the busiest rank
 # under `predicted`. Ties keep the extension of `predicted`. The runtime gathers only the
 # pairs `predicted` lacks (`Replicas.extend`, fssdp/replicas.py).
-FRACTIONS = (8, 4, 2, 1)  # k = ceil(all * f / 8)
+FRACTIONS = np.array([8, 4, 2, 1], dtype=np.int64)  # k = ceil(all * f / 8)
 
 
 @dataclass
@@ -214,44 +208,44 @@ class Priced:
     the cuts it takes."""
 
     net_s: float
-    take_S: Tensor
+    take_S: np.ndarray
 
 
 def price(
     cuts: Cuts,
-    owner_E: Tensor,
-    before: Tensor,
+    owner_E: np.ndarray,
+    before: int,
     copy_s: float,
     time_per_row_s: float,
-    arrived_EW: Tensor | None = None,
+    arrived_EW: np.ndarray | None = None,
 ) -> Priced:
     """Every candidate x fraction of `cuts`, net of its busiest link's copies; `arrived_EW`
     marks (expert, rank) cells whose copy is already there (no transfer)."""
-    W = int(cuts.rows_BW.shape[1])
-    dev = cuts.n_S.device
-    B, F = cuts.rows_BW.shape[0], len(FRACTIONS)
+    B, W = cuts.rows_BW.shape
+    F = FRACTIONS.size
     new = cuts.new_S & (cuts.n_S > 0)
     if arrived_EW is not None:
-        new &= ~arrived_EW.view(-1).index_select(0, cuts.e_S * W + cuts.u_S)
-    order = torch.argsort(cuts.b_S * BIG + (BIG - 1 - cuts.n_S * new), stable=True)
-    pos_S = torch.empty_like(order).index_copy_(0, order, rank_in_runs(cuts.b_S[order], new[order]))
-    k_B = torch.zeros(B, dtype=I64, device=dev).index_add_(0, cuts.b_S, new.to(I64))
-    f_F = torch.tensor(FRACTIONS, dtype=I64, device=dev)
-    k_BF = (k_B[:, None] * f_F + 7) // 8
+        new &= ~arrived_EW.ravel()[cuts.e_S * W + cuts.u_S]
+    order = np.argsort(cuts.b_S * BIG + (BIG - 1 - cuts.n_S * new), kind="stable")
+    pos_S = np.empty_like(order)
+    pos_S[order] = rank_in_runs(cuts.b_S[order], new[order])
+    k_B = np.bincount(cuts.b_S[new], minlength=B)
+    k_BF = (k_B[:, None] * FRACTIONS + 7) // 8
     take_SF = ~new[:, None] | (pos_S[:, None] < k_BF[cuts.b_S])
-    drop_SF = (cuts.n_S[:, None] * ~take_SF).T  # [F, S] rows that stay with the shedder
+    drop_FS = (cuts.n_S[:, None] * ~take_SF).T  # rows that stay with the shedder
     v = cuts.b_S * W  # candidate-major flat rank index
-    rows = cuts.rows_BW.flatten().repeat(F, 1)
-    rows.index_add_(1, v + cuts.u_S, -drop_SF).index_add_(1, v + cuts.src_S, drop_SF)
-    gain = (before - rows.view(F, B, W).max(2).values) * time_per_row_s
-    sent = torch.zeros(F, B * W, dtype=I64, device=dev)
-    recv = torch.zeros(F, B * W, dtype=I64, device=dev)
-    ones = (take_SF & new[:, None]).T.to(I64)
-    sent.index_add_(1, v + owner_E[cuts.e_S], ones)
-    recv.index_add_(1, v + cuts.u_S, ones)
-    links = torch.maximum(sent.view(F, B, W).max(2).values, recv.view(F, B, W).max(2).values)
-    net = (gain - links * copy_s).T.flatten()  # [B * F]
-    best = int(torch.argmax(net))
+    f_off = (np.arange(F) * (B * W))[:, None]
+    moved = np.concatenate([f_off + v + cuts.u_S, f_off + v + cuts.src_S], 1).ravel()
+    rows = np.tile(cuts.rows_BW.ravel(), F) + add_at(
+        F * B * W, moved, np.concatenate([-drop_FS, drop_FS], 1).ravel()
+    )
+    gain = (before - rows.reshape(F, B, W).max(2)) * time_per_row_s
+    ones_FS = (take_SF & new[:, None]).T
+    sent = np.bincount((f_off + v + owner_E[cuts.e_S])[ones_FS], minlength=F * B * W)
+    recv = np.bincount((f_off + v + cuts.u_S)[ones_FS], minlength=F * B * W)
+    links = np.maximum(sent.reshape(F, B, W).max(2), recv.reshape(F, B, W).max(2))
+    net = (gain - links * copy_s).T.ravel()  # [B * F]
+    best = int(np.argmax(net))
     b, f = divmod(best, F)
     return Priced(float(net[best]), (cuts.b_S == b) & take_SF[:, f] & (cuts.n_S > 0))
 
@@ -270,14 +264,14 @@ def calibrate_t(
     copy_s = expert_bytes / bandwidth_bytes_per_s
     cuts = cut(counts_WE, predicted, topology, m)
     W = predicted.world_size
-    before = load_W(cuts.base_P, predicted.pairs_P()[1], W).max()
-    best = price(cuts, predicted.owner_E, before, copy_s, time_per_row_s)
+    before = int(add_at(W, host(predicted).rank_P, cuts.base_P).max())
+    best = price(cuts, host(predicted).owner_E, before, copy_s, time_per_row_s)
     base = predicted
     if not predicted.is_ownership_only():
         own = predicted.ownership()
         cuts_own = cut(counts_WE, own, topology, m)
-        arrived = predicted.holders_EW()
-        replan = price(cuts_own, own.owner_E, before, copy_s, time_per_row_s, arrived)
+        arrived = host(predicted).holders_EW
+        replan = price(cuts_own, host(own).owner_E, before, copy_s, time_per_row_s, arrived)
         if replan.net_s > best.net_s:
             best, cuts, base = replan, cuts_own, own
     if not best.net_s > 0:

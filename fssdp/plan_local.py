@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from collectives.placement import Placement, Topology
+from fssdp.host import host
 from fssdp.quotas import holder_rows, load_W
 
 I64 = torch.int64
@@ -74,7 +75,8 @@ def node_local_replicas(
             0, base.owner_E, counts_WE.sum(0)
         )
     else:
-        rows_W = load_W(holder_rows(counts_WE, base, topology), base.pairs_P()[1], W)
+        rows_P = holder_rows(counts_WE, base, topology)  # a host array
+        rows_W = torch.from_numpy(load_W(rows_P, host(base).rank_P, W)).to(dev)
     by_load_NR = torch.argsort(rows_W.view(N, R), dim=1, stable=True)  # least loaded first
     j_K = torch.arange(k, device=dev).expand(N, k)[take_NK]
     n_K = torch.arange(N, device=dev)[:, None].expand(N, k)[take_NK]

@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 from collectives.placement import Placement, Topology, merge_pairs
-from fssdp.segments import excl_cumsum
 
 I64 = torch.int64
 SCALE = 1024  # estimated loads are means: 1/1024 of a row is plenty
@@ -34,6 +33,11 @@ SCALE = 1024  # estimated loads are means: 1/1024 of a row is plenty
 # are dropped. Whatever slots are still free then take, per rank, the experts it lacks with
 # the largest w_e / (c_e + 1) (one pass). Experts with zero estimated load are never
 # replicated.
+
+
+def excl_cumsum(x: Tensor, dim: int) -> Tensor:
+    """Exclusive prefix sum along `dim` (the first entry is 0)."""
+    return x.cumsum(dim) - x
 
 
 def _top_mask(w_BE: Tensor, t: int) -> Tensor:
@@ -121,7 +125,7 @@ def _deal(
     n_flat = n_BEN.reshape(-1)
     block = torch.repeat_interleave(torch.arange(n_flat.numel(), device=dev), n_flat)
     at = start_BEN.reshape(-1)[block] + torch.arange(block.numel(), device=dev) - excl_cumsum(
-        n_flat
+        n_flat, 0
     )[block]  # the copy's place among its node's copies
     b, rest = block // (E * N), block % (E * N)
     e, k = rest // N, rest % N

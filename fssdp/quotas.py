@@ -2,18 +2,19 @@
 
 Legend: W ranks, E experts, N nodes of R ranks, P holder pairs of a placement (sorted by
 expert, then rank), g a group = (expert, node) of pairs, L_E rows per expert over all sources.
-Every function is integer tensor code on the counts' device; every rank gets the same rows.
+Every function is integer numpy code on host arrays ([Note: the control plane on the host] in
+fssdp/host.py); every rank gets the same rows.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from collectives.placement import Placement, Topology
+from fssdp.host import HostPlacement, add_at, host, host_array
 from fssdp.segments import excl_cumsum, overlaps_small
-
-I64 = torch.int64
 
 # [Note: even split, then nearest replica]
 # The point of replicas is balance, so balance is the hard rule: expert e's L_e rows are split
@@ -56,123 +57,118 @@ FIT_ROUNDS = 8
 # expert's rows over its holders, so the result is a valid assignment either way.
 
 
-def expert_totals(counts_WE: Tensor) -> Tensor:
-    return counts_WE.sum(0)
-
-
-def even_rows(L_E: Tensor, placement: Placement) -> Tensor:
+def even_rows(L_E: np.ndarray, hp: HostPlacement) -> np.ndarray:
     """rows_P of [Note: even split, then nearest replica]."""
-    pe, _ = placement.pairs_P()
-    E = placement.num_experts
-    if pe.numel() == E:  # one holder per expert: it computes everything
-        return L_E.clone()
-    nh_E = torch.bincount(pe, minlength=E)
-    j_P = torch.arange(pe.numel(), device=pe.device) - excl_cumsum(nh_E)[pe]
+    pe, E = hp.expert_P, hp.num_experts
+    if pe.size == E:  # one holder per expert: it computes everything
+        return L_E.copy()
+    nh_E = np.bincount(pe, minlength=E)
+    j_P = np.arange(pe.size) - excl_cumsum(nh_E)[pe]
     L_P, n_P = L_E[pe], nh_E[pe]
     return (L_P * (j_P + 1)) // n_P - (L_P * j_P) // n_P
 
 
-def load_W(rows_P: Tensor, rank_P: Tensor, world_size: int) -> Tensor:
-    out = torch.zeros(world_size, dtype=I64, device=rows_P.device)
-    return out.index_add_(0, rank_P, rows_P)
+def load_W(rows_P: np.ndarray, rank_P: np.ndarray, world_size: int) -> np.ndarray:
+    return add_at(world_size, rank_P, rows_P)
 
 
-def water_fill(group_s: Tensor, load_s: Tensor, total_G: Tensor, open_s: Tensor) -> Tensor:
+def water_fill(
+    group_s: np.ndarray, load_s: np.ndarray, total_G: np.ndarray, open_s: np.ndarray
+) -> np.ndarray:
     """Rows each entry takes when every group pours total_G over its open entries, lowest load
     first, up to a common integer level (leftover rows one each to the lowest).
 
     Entries are sorted by group, then (open first) load ascending; closed entries take 0."""
-    n = group_s.numel()
-    G = total_G.numel()
-    size_G = torch.bincount(group_s, minlength=G)
-    first_s = excl_cumsum(size_G)[group_s]
-    j_s = torch.arange(n, device=group_s.device) - first_s
-    pre_s = load_s.cumsum(0)
+    n, G = group_s.size, total_G.size
+    first_s = excl_cumsum(np.bincount(group_s, minlength=G))[group_s]
+    j_s = np.arange(n) - first_s
+    pre_s = load_s.cumsum()
     pre_s = pre_s - (pre_s - load_s)[first_s]  # the group's loads up to and including me
     T_s = total_G[group_s]
     under_s = open_s & (T_s + pre_s >= (j_s + 1) * load_s)  # the water covers me
-    k_G = torch.zeros(G, dtype=I64, device=group_s.device).index_add_(0, group_s, under_s.to(I64))
-    k_s = k_G[group_s].clamp(min=1)
-    total_s = T_s + pre_s[(first_s + k_s - 1).clamp(max=max(n - 1, 0))]
+    k_s = np.maximum(np.bincount(group_s[under_s], minlength=G)[group_s], 1)
+    total_s = T_s + pre_s[np.minimum(first_s + k_s - 1, max(n - 1, 0))]
     level_s, extra_s = total_s // k_s, total_s % k_s
     return (level_s - load_s + (j_s < extra_s)) * under_s
 
 
-def flexible(placement: Placement, topology: Topology) -> tuple[Tensor, Tensor]:
+def flexible(hp: HostPlacement, topology: Topology) -> tuple[np.ndarray, np.ndarray]:
     """(group_P, flex_P): each pair's (expert, node) group, and whether the group has several
     holders in that node (its rows can be levelled there)."""
-    g_P = placement.cells_P() // topology.ranks_per_node  # = e * N + node: sorted, contiguous
-    k_P = torch.bincount(g_P, minlength=placement.num_experts * topology.num_nodes)[g_P]
+    g_P = hp.cell_P // topology.ranks_per_node  # = e * N + node: sorted, contiguous
+    k_P = np.bincount(g_P, minlength=hp.num_experts * topology.num_nodes)[g_P]
     return g_P, k_P > 1
 
 
 def levelled_rows(
-    even_P: Tensor, placement: Placement, topology: Topology, g_P: Tensor, flex_P: Tensor
-) -> Tensor:
+    even_P: np.ndarray, hp: HostPlacement, topology: Topology, g_P: np.ndarray,
+    flex_P: np.ndarray,
+) -> np.ndarray:
     """rows_P per [Note: levelling quotas]."""
-    pe, pr = placement.pairs_P()
-    E, W = placement.num_experts, placement.world_size
+    pe, pr = hp.expert_P, hp.rank_P
+    E, W, P = hp.num_experts, hp.world_size, pe.size
     N, R = topology.num_nodes, topology.ranks_per_node
-    dev = pe.device
     flex_rows = even_P * flex_P
     base_W = load_W(even_P - flex_rows, pr, W)
-    open_W = load_W(flex_P.to(I64), pr, W) > 0
-    node_W = torch.arange(W, device=dev) // R
-    F_N = torch.zeros(N, dtype=I64, device=dev).index_add_(0, pr // R, flex_rows)
-    order = torch.argsort(node_W * (1 << 43) + (~open_W) * (1 << 42) + base_W, stable=True)
-    room_s = water_fill(node_W[order], base_W[order], F_N, open_W[order])
-    room_W = torch.empty_like(room_s).index_copy_(0, order, room_s)
+    open_W = np.bincount(pr[flex_P], minlength=W) > 0
+    node_W = np.arange(W) // R
+    F_N = add_at(N, pr // R, flex_rows)
+    order = np.argsort(node_W * (1 << 43) + (~open_W) * (1 << 42) + base_W, kind="stable")
+    room_W = np.empty(W, dtype=np.int64)
+    room_W[order] = water_fill(node_W[order], base_W[order], F_N, open_W[order])
     # flexible groups (their first pair), by node then lowest holder rank; rooms in rank order
-    head = torch.nonzero(flex_P & (shift_g(g_P) != g_P)).flatten()
-    head = head[torch.argsort(pr[head] * (1 << 20) + head, stable=True)]
-    T_G = torch.zeros(E * N, dtype=I64, device=dev).index_add_(0, g_P, flex_rows)
-    ia, ib, n = overlaps_small(T_G[g_P[head]].cumsum(0), room_W.cumsum(0))
-    cells = placement.cells_P()
+    head = np.flatnonzero(flex_P & (shift_g(g_P) != g_P))
+    head = head[np.argsort(pr[head] * (1 << 20) + head, kind="stable")]
+    T_G = add_at(E * N, g_P, flex_rows)
+    ia, ib, n = overlaps_small(T_G[g_P[head]].cumsum(), room_W.cumsum())
+    cells = hp.cell_P
     want = pe[head[ia]] * W + ib
-    at = torch.searchsorted(cells, want).clamp_(max=cells.numel() - 1)
+    at = np.minimum(np.searchsorted(cells, want), cells.size - 1)
     ok = cells[at] == want
-    x_P = torch.zeros_like(even_P).index_add_(0, at, n * ok)
+    x_P = add_at(P, at, n * ok)
     # a piece whose rank lacks the expert goes to the group's first holder instead
-    line_P = torch.where(flex_P, x_P, even_P).index_add_(0, head[ia], n * ~ok)
-    fit_P = torch.where(flex_P, _fit(flex_rows, pr, g_P, room_W, T_G), even_P)
+    line_P = np.where(flex_P, x_P, even_P) + add_at(P, head[ia], n * ~ok)
+    fit_P = np.where(flex_P, _fit(flex_rows, pr, g_P, room_W, T_G), even_P)
     better = load_W(fit_P, pr, W).max() < load_W(line_P, pr, W).max()
-    return torch.where(better, fit_P, line_P)
+    return fit_P if better else line_P
 
 
-def _fit(x_P: Tensor, rank_P: Tensor, g_P: Tensor, room_W: Tensor, T_G: Tensor) -> Tensor:
+def _fit(
+    x_P: np.ndarray, rank_P: np.ndarray, g_P: np.ndarray, room_W: np.ndarray, T_G: np.ndarray
+) -> np.ndarray:
     """Flexible rows fitted to the rooms, alternately per rank (scaled to its room) and per
     group (scaled to its rows), FIT_ROUNDS times, then each group's rows split exactly in
     proportion (integer proportional fitting, [Note: levelling quotas])."""
-    W = room_W.numel()
+    W = room_W.size
+    room_P = room_W[rank_P]
     for _ in range(FIT_ROUNDS):  # a fixed number of rounds
-        col = load_W(x_P, rank_P, W).index_select(0, rank_P)
-        x_P = torch.where(col > 0, x_P * room_W.index_select(0, rank_P) // col.clamp(min=1), 0)
+        col = load_W(x_P, rank_P, W)[rank_P]
+        x_P = np.where(col > 0, x_P * room_P // np.maximum(col, 1), 0)
         x_P = _split_like(T_G, g_P, x_P)
     return x_P
 
 
-def _split_like(amount_G: Tensor, g_P: Tensor, weight_P: Tensor) -> Tensor:
+def _split_like(amount_G: np.ndarray, g_P: np.ndarray, weight_P: np.ndarray) -> np.ndarray:
     """amount_G split over each group's entries in proportion to weight_P (cumulative rounding,
     exact sums; evenly when a group's weights are all 0)."""
-    G = amount_G.numel()
-    wsum = torch.zeros(G, dtype=I64, device=g_P.device).index_add_(0, g_P, weight_P)
-    w_P = torch.where(wsum.index_select(0, g_P) == 0, 1, weight_P)
-    wsum = torch.zeros(G, dtype=I64, device=g_P.device).index_add_(0, g_P, w_P)
-    cum = w_P.cumsum(0)
-    first = excl_cumsum(torch.bincount(g_P, minlength=G)).index_select(0, g_P)
-    cum = cum - (cum - w_P).index_select(0, first)
-    a, t = amount_G.index_select(0, g_P), wsum.index_select(0, g_P)
+    G = amount_G.size
+    w_P = np.where(add_at(G, g_P, weight_P)[g_P] == 0, 1, weight_P)
+    t = add_at(G, g_P, w_P)[g_P]
+    cum = w_P.cumsum()
+    first = excl_cumsum(np.bincount(g_P, minlength=G))[g_P]
+    cum = cum - (cum - w_P)[first]
+    a = amount_G[g_P]
     return (a * cum) // t - (a * (cum - w_P)) // t
 
 
-def shift_g(g: Tensor) -> Tensor:
+def shift_g(g: np.ndarray) -> np.ndarray:
     """g moved one place right, -1 entering (marks each group's first entry)."""
-    return torch.cat([g.new_full((1,), -1), g[:-1]])
+    return np.concatenate([[-1], g[:-1]])
 
 
-def holder_rows(counts_WE: Tensor, placement: Placement, topology: Topology) -> Tensor:
-    """rows_P for `counts_WE` under `placement`: [Note: planned rows] when they apply, else the
-    even split, levelled when that pays ([Note: levelling quotas])."""
+def holder_rows(counts_WE: Tensor, placement: Placement, topology: Topology) -> np.ndarray:
+    """rows_P (host int64) for `counts_WE` under `placement`: [Note: planned rows] when they
+    apply, else the even split, levelled when that pays ([Note: levelling quotas])."""
     planned = placement.planned
     if planned is not None and (
         planned.counts_WE is counts_WE
@@ -182,17 +178,15 @@ def holder_rows(counts_WE: Tensor, placement: Placement, topology: Topology) -> 
             and torch.equal(planned.counts_WE, counts_WE)
         )
     ):
-        return planned.rows_P
-    L_E = expert_totals(counts_WE)
-    even_P = even_rows(L_E, placement)
+        return host_array(planned.rows_P)
+    hp = host(placement)
+    even_P = even_rows(host_array(counts_WE).sum(0), hp)
     if placement.is_ownership_only():
         return even_P
-    g_P, flex_P = flexible(placement, topology)
-    if not bool(flex_P.any()):  # no node holds any expert twice: nothing to level
+    g_P, flex_P = flexible(hp, topology)
+    if not flex_P.any():  # no node holds any expert twice: nothing to level
         return even_P
-    lev_P = levelled_rows(even_P, placement, topology, g_P, flex_P)
-    _, pr = placement.pairs_P()
+    lev_P = levelled_rows(even_P, hp, topology, g_P, flex_P)
     W = placement.world_size
-    top_even, top_lev = load_W(even_P, pr, W).max(), load_W(lev_P, pr, W).max()
-    use = top_lev * 50 < top_even * 49  # gain > LEVEL_GAIN = 1/50
-    return torch.where(use, lev_P, even_P)
+    top_even, top_lev = load_W(even_P, hp.rank_P, W).max(), load_W(lev_P, hp.rank_P, W).max()
+    return lev_P if top_lev * 50 < top_even * 49 else even_P  # gain > LEVEL_GAIN = 1/50
