@@ -55,11 +55,12 @@ class PlannedRows:
 
     Set by the exact planner and calibration (fssdp/planner.py), which balance rows while they
     place replicas; `fssdp.assign.assign_tokens` uses them when called with the same counts
-    ([Note: planned rows] in fssdp/quotas.py). `rows_P` follows the placement's pairs.
+    ([Note: planned rows] in fssdp/quotas.py). `rows_P` follows the placement's pairs and stays
+    on the host (a CPU tensor, whatever the counts' device) with the rest of the control plane.
     """
 
     counts_WE: Tensor
-    rows_P: Tensor
+    rows_P: Tensor  # int64, CPU
 
 
 def _is_rank(x: Any) -> bool:

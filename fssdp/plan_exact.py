@@ -167,7 +167,7 @@ def placement_from(
         rows_P = add_at(key_P.size, inv, rows)
     dev = counts_WE.device
     t = lambda a: torch.from_numpy(a).to(dev)  # noqa: E731
-    planned = PlannedRows(counts_WE, t(rows_P))
+    planned = PlannedRows(counts_WE, torch.from_numpy(rows_P))  # host rows
     return Placement._trusted(base.owner_E, t(key_P // W), t(key_P % W), W, planned, t(key_P))
 
 
