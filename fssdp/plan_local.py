@@ -21,21 +21,21 @@ fssdp/quotas.py) gives each node about its own rows of it (every rank routes ali
 rows stay inside the node: the all-to-all's inter-node bytes fall (EP's hot experts cost every
 other node's NIC; here one copy each). The rule compares bytes on the same links, so it needs
 no bandwidth; on one node it adds nothing.
-Integer tensor code, O(N E + W), ties by expert id: every rank plans the same replicas.
+Integer host-array code ([Note: the control plane on the host] in fssdp/host.py), O(N E + W),
+ties by expert id: every rank plans the same replicas.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from collectives.placement import Placement, Topology
-from fssdp.host import host
+from fssdp.host import host, host_array
 from fssdp.quotas import holder_rows, load_W
-
-I64 = torch.int64
 
 
 @dataclass(frozen=True)
@@ -59,26 +59,25 @@ def node_local_replicas(
     R, N = topology.ranks_per_node, topology.num_nodes
     if N == 1 or loc.slots == 0 or E == 0 or loc.token_bytes == 0:
         return base
-    dev = counts_WE.device
-    c_NE = counts_WE.view(N, R, E).sum(1)
-    held_NE = base.holders_EW().view(E, N, R).any(2).T
+    counts = host_array(counts_WE)
+    hb = host(base)
+    c_NE = counts.reshape(N, R, E).sum(1)
+    held_NE = hb.holders_EW.reshape(E, N, R).any(2).T
     saving_NE = c_NE * loc.token_bytes - loc.copy_bytes
-    saving_NE = saving_NE.masked_fill_(held_NE, -1)
+    saving_NE[held_NE] = -1
     k = min(R * loc.slots, E)
     # hottest first, ties by expert id: stable sort of -saving
-    order_NE = torch.argsort(-saving_NE, dim=1, stable=True)[:, :k]
-    take_NK = saving_NE.gather(1, order_NE) > 0
-    if not bool(take_NK.any()):
+    order_NE = np.argsort(-saving_NE, axis=1, kind="stable")[:, :k]
+    take_NK = np.take_along_axis(saving_NE, order_NE, 1) > 0
+    if not take_NK.any():
         return base
     if base.is_ownership_only():  # the usual base: each owner computes its experts' rows
-        rows_W = torch.zeros(W, dtype=I64, device=dev).index_add_(
-            0, base.owner_E, counts_WE.sum(0)
-        )
+        rows_W = load_W(counts.sum(0), hb.owner_E, W)
     else:
-        rows_P = holder_rows(counts_WE, base, topology)  # a host array
-        rows_W = torch.from_numpy(load_W(rows_P, host(base).rank_P, W)).to(dev)
-    by_load_NR = torch.argsort(rows_W.view(N, R), dim=1, stable=True)  # least loaded first
-    j_K = torch.arange(k, device=dev).expand(N, k)[take_NK]
-    n_K = torch.arange(N, device=dev)[:, None].expand(N, k)[take_NK]
+        rows_W = load_W(holder_rows(counts_WE, base, topology), hb.rank_P, W)
+    by_load_NR = np.argsort(rows_W.reshape(N, R), axis=1, kind="stable")  # least loaded first
+    n_K, j_K = np.nonzero(take_NK)
     rank_K = n_K * R + by_load_NR[n_K, j_K % R]
-    return base.with_pairs(order_NE[take_NK], rank_K)
+    dev = counts_WE.device
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
+    return base.with_pairs(t(order_NE[take_NK]), t(rank_K))

@@ -44,9 +44,12 @@ def stable_seed(*parts: object) -> int:
 
 @contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """The global CPU RNG seeded with `seed` inside, restored afterwards."""
+    """The global CPU RNG seeded with `seed` inside, restored afterwards. Only the CPU
+    generator: `torch.manual_seed` would also re-seed every accelerator's generator (which
+    fork_rng(devices=[]) does not restore) and, before CUDA starts, queue a lazy call with a
+    stack trace each time, ~3 ms per module or expert."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         yield
 
 

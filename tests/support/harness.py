@@ -1,7 +1,8 @@
 """Multi-process test harness: run a function on W gloo ranks and collect what each returns.
 
 Every distributed test in this suite goes through `run_distributed`. Ranks are forked from a
-forkserver that has imported torch and the project once (`PRELOAD`): a fresh interpreter per rank
+forkserver that has imported torch and the project once and run one warm-up step
+(`PRELOAD`, tests/support/warm.py): a fresh interpreter per rank
 (the "spawn" method) costs 3-9 s of imports per call on a 2-core machine, which summed to minutes
 over the suite. The server is a clean single-threaded process started on first use, so forking
 from it is safe (unlike forking pytest itself, which may hold threads and process groups); each
@@ -36,6 +37,7 @@ PRELOAD = [
     "fssdp.api",
     "models.registry",
     "tests.support.parity",
+    "tests.support.warm",  # last: one warm-up step, so forked ranks skip first-use costs
 ]
 
 
