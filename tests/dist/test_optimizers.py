@@ -14,6 +14,7 @@ from torch.distributed.tensor import DTensor
 from launch.errors import UserError
 from tests.support.harness import run_distributed
 from tests.support.parity import train_capture
+from tests.support.shared import shared
 
 
 def _groups(trainer: Any) -> list[tuple[int, set[bool]]]:
@@ -43,8 +44,9 @@ pytestmark = pytest.mark.slow  # ~10 s; the parity of these optimizers is in tes
 
 
 @pytest.fixture(scope="module")
-def got() -> dict[str, Any]:
-    return run_distributed(_cases, 2, timeout_s=300)[0]
+def got(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    make = lambda _: run_distributed(_cases, 2, timeout_s=300)[0]  # noqa: E731
+    return shared(tmp_path_factory, "optimizer-cases", make)
 
 
 def test_multi_tensor_kernels_get_groups_of_one_kind(got: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ import pytest
 
 from tests.support.driver import Driver, hashes, one_line
 from tests.support.launch import read_metrics
+from tests.support.shared import shared
 
 SMALL = [
     "model=gpt_moe_tiny",
@@ -81,12 +82,17 @@ def driver() -> Iterator[Driver]:
 
 @pytest.fixture(scope="module")
 def existing(tmp_path_factory: pytest.TempPathFactory, driver: Driver) -> Path:
-    """A finished run with checkpoints at steps 1 and 2."""
-    run = tmp_path_factory.mktemp("bad") / "existing"
-    args = ["train.steps=2", "train.ckpt_every=1", "train.keep_last=0", f"hydra.run.dir={run}"]
-    got = driver.run([*SMALL, *args])
-    assert got["code"] == 0, got["stderr"][-3000:]
-    return run
+    """A finished run with checkpoints at steps 1 and 2 (once per session: read or copied,
+    never changed)."""
+
+    def make(root: Path) -> Path:
+        run = root / "existing"
+        args = ["train.steps=2", "train.ckpt_every=1", "train.keep_last=0", f"hydra.run.dir={run}"]
+        got = driver.run([*SMALL, *args])
+        assert got["code"] == 0, got["stderr"][-3000:]
+        return run
+
+    return shared(tmp_path_factory, "bad-input-existing", make)
 
 
 def _locked_copy(existing: Path, where: Path) -> Path:
@@ -103,7 +109,9 @@ def _locked_copy(existing: Path, where: Path) -> Path:
 def test_early_failures_are_one_line_exit_2_and_touch_nothing(
     existing: Path, tmp_path: Path, driver: Driver
 ) -> None:
-    places = {"run": existing, "file": tmp_path / "a_file", "locked": tmp_path / "locked"}
+    run = tmp_path / "run"  # a copy: the session's `existing` is shared, read by other tests
+    shutil.copytree(existing, run)
+    places = {"run": run, "file": tmp_path / "a_file", "locked": tmp_path / "locked"}
     places["file"].write_text("not a directory")
     _locked_copy(existing, places["locked"])
     before = {k: hashes(p) for k, p in places.items() if p.is_dir()}
@@ -113,7 +121,7 @@ def test_early_failures_are_one_line_exit_2_and_touch_nothing(
         at = (
             []
             if any(a.startswith("hydra.run.dir=") for a in args)
-            else [f"hydra.run.dir={existing}"]
+            else [f"hydra.run.dir={run}"]
         )
         cases.append(([*SMALL, *args, *at], env))
     for (args, _env, want), got in zip(EARLY, [driver.run(*c) for c in cases]):
@@ -158,8 +166,13 @@ CKPT_CASES: list[tuple[str, list[str], int, str]] = [
 
 @pytest.fixture(scope="module")
 def ckpt_runs(existing: Path, tmp_path_factory: pytest.TempPathFactory, driver: Driver) -> dict:
-    """Copies of the run, damaged as named; every case of CKPT_CASES run in one driver."""
-    root = tmp_path_factory.mktemp("ckpt")
+    """Copies of the run, damaged as named; every case of CKPT_CASES run in one driver (once per
+    session: the tests read the runs, never change them)."""
+    make = lambda root: _ckpt_runs(existing, root, driver)  # noqa: E731
+    return shared(tmp_path_factory, "bad-input-ckpt-runs", make)
+
+
+def _ckpt_runs(existing: Path, root: Path, driver: Driver) -> dict:
     runs = {name: root / name for name, *_ in CKPT_CASES}
     for name, run in runs.items():
         shutil.copytree(existing, run)

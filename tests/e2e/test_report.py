@@ -13,6 +13,7 @@ from launch import report
 from launch.errors import UserError
 from launch.train import compose_config
 from tests.support.launch import read_metrics, torchrun
+from tests.support.shared import shared
 
 RUN = [
     "parallel=fssdp",
@@ -28,7 +29,11 @@ RUN = [
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("report") / "run"
+    return shared(tmp_path_factory, "report-run", _train)  # read; the report adds its files
+
+
+def _train(root: Path) -> Path:
+    run = root / "run"
     p = torchrun(2, [*RUN, f"hydra.run.dir={run}"])
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     return run
