@@ -78,6 +78,4 @@ def node_local_replicas(
     by_load_NR = np.argsort(rows_W.reshape(N, R), axis=1, kind="stable")  # least loaded first
     n_K, j_K = np.nonzero(take_NK)
     rank_K = n_K * R + by_load_NR[n_K, j_K % R]
-    dev = counts_WE.device
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
-    return base.with_pairs(t(order_NE[take_NK]), t(rank_K))
+    return base.with_pairs(torch.from_numpy(order_NE[take_NK]), torch.from_numpy(rank_K))

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from collectives.placement import Placement, Topology
 from fssdp.host import host, host_array
+from fssdp.segments import excl_cumsum
 
 SCALE = 1024  # estimated loads are means: 1/1024 of a row is plenty
 
@@ -47,11 +48,6 @@ def _scatter(order: np.ndarray, values: np.ndarray) -> np.ndarray:
     out = np.empty_like(values)
     np.put_along_axis(out, order, values, axis=1)
     return out
-
-
-def _excl_rows(x: np.ndarray) -> np.ndarray:
-    """Exclusive prefix sum along axis 1."""
-    return x.cumsum(1) - x
 
 
 def _top_mask(w_BE: np.ndarray, t: int) -> np.ndarray:
@@ -101,7 +97,7 @@ def _node_deal(
     all experts, largest share first, dealt round-robin over the nodes by planned load, each
     expert's owner node skipped while it has fewer copies than nodes."""
     by_share = _desc(share_BE)
-    start = _scatter(by_share, _excl_rows(np.take_along_axis(x_BE, by_share, 1)))
+    start = _scatter(by_share, excl_cumsum(np.take_along_axis(x_BE, by_share, 1), axis=1))
     node_load = planned_BW.reshape(-1, N, R).sum(2)
     places = np.broadcast_to(np.arange(N), node_load.shape)
     q_BN = _scatter(np.argsort(node_load, axis=1, kind="stable"), places)  # least loaded first
@@ -132,11 +128,11 @@ def _copies_in_nodes(n_BEN: np.ndarray, share_BE: np.ndarray) -> tuple[np.ndarra
     B, E, N = n_BEN.shape
     idx = np.broadcast_to(_desc(share_BE)[..., None], n_BEN.shape)
     start_BEN = np.zeros_like(n_BEN)
-    np.put_along_axis(start_BEN, idx, _excl_rows(np.take_along_axis(n_BEN, idx, 1)), axis=1)
+    by_share_BEN = excl_cumsum(np.take_along_axis(n_BEN, idx, 1), axis=1)
+    np.put_along_axis(start_BEN, idx, by_share_BEN, axis=1)
     n_flat = n_BEN.reshape(-1)
     block = np.repeat(np.arange(n_flat.size), n_flat)
-    first = n_flat.cumsum() - n_flat
-    at = start_BEN.reshape(-1)[block] + np.arange(block.size) - first[block]
+    at = start_BEN.reshape(-1)[block] + np.arange(block.size) - excl_cumsum(n_flat)[block]
     b, rest = block // (E * N), block % (E * N)
     return b, rest // N, rest % N, at
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def excl_cumsum(x: np.ndarray) -> np.ndarray:
-    """Exclusive prefix sum (the first entry is 0)."""
-    return x.cumsum() - x
+def excl_cumsum(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Exclusive prefix sum along `axis` (the first entry is 0)."""
+    return x.cumsum(axis) - x
 
 
 def lengths(end: np.ndarray) -> np.ndarray:

@@ -5,8 +5,9 @@ whole run's tail, one worker busy while the other idles. Started first, the long
 by side and the short ones fill the gaps. Order is otherwise kept (the sort is stable), and no
 test depends on another's order.
 
-`FSSDP_TEST_CONFIG_CACHE` points the session's ranks at one cache of composed configs
-(`job_config` in tests/support/parity.py), shared by the xdist workers."""
+`FSSDP_TEST_SESSION_CACHE` points the session's ranks at one cache (`once` in
+tests/support/shared.py; the composed configs of tests/support/parity.py), shared by the xdist
+workers."""
 
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ import os
 
 import pytest
 
-from tests.support.parity import CONFIG_CACHE
-from tests.support.shared import session_root
+from tests.support.shared import SESSION_CACHE, session_root
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -23,8 +23,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _config_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Set before any rank starts: the forkserver and its ranks inherit the environment."""
-    root = session_root(tmp_path_factory) / "composed-configs"
-    root.mkdir(exist_ok=True)
-    os.environ[CONFIG_CACHE] = str(root)
+    os.environ[SESSION_CACHE] = str(session_root(tmp_path_factory) / "session-cache")

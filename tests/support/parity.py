@@ -10,14 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from filelock import FileLock
 from omegaconf import OmegaConf
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -26,6 +24,7 @@ from launch.build import build_trainer
 from launch.dist import DistInfo
 from launch.train import compose_config
 from models.common.experts import ExpertBank
+from tests.support.shared import SESSION_CACHE, once
 
 BASE = [
     "train.dtype=float64",
@@ -36,28 +35,18 @@ BASE = [
 ]
 
 
-# A directory for `job_config`'s cache, set for the session by tests/conftest.py.
-CONFIG_CACHE = "FSSDP_TEST_CONFIG_CACHE"
-
-
 def job_config(overrides: list[str]) -> Any:
     """The config object of `overrides` (hydra compose, then `OmegaConf.to_object`), composed
-    once per test session: every rank of a run composes the same overrides, and the parity
-    tests run one case list at worlds 1, 2 and 4. A compose costs ~0.25 s of CPU, the size of
-    a tiny model's build; the first rank composes under a file lock, the others unpickle
-    (a fresh copy each: a trainer may change its config)."""
-    cache = os.environ.get(CONFIG_CACHE)
+    once per test session (`once`, in `SESSION_CACHE`): every rank of a run composes the same
+    overrides, and the parity tests run one case list at worlds 1, 2 and 4. A compose costs
+    ~0.25 s of CPU, the size of a tiny model's build; every caller gets its own copy (a
+    trainer may change its config)."""
+    compose = lambda: OmegaConf.to_object(compose_config(overrides)[0])  # noqa: E731
+    cache = os.environ.get(SESSION_CACHE)
     if not cache:
-        return OmegaConf.to_object(compose_config(overrides)[0])
-    key = hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:24]
-    path = Path(cache) / f"{key}.pkl"
-    with FileLock(str(path.with_suffix(".lock"))):
-        if not path.exists():
-            blob = pickle.dumps(OmegaConf.to_object(compose_config(overrides)[0]))
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(blob)
-            tmp.replace(path)
-        return pickle.loads(path.read_bytes())
+        return compose()
+    key = "config-" + hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:24]
+    return once(Path(cache), key, compose)
 
 
 def _part(p: Any, g: torch.Tensor | None, rank: int) -> tuple[Any, torch.Tensor | None]:

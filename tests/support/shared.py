@@ -24,6 +24,10 @@ from filelock import FileLock
 
 T = TypeVar("T")
 
+# A directory every rank of the session sees, for `once` caches outside pytest's fixtures (the
+# forked ranks' composed configs, tests/support/parity.py); set by tests/conftest.py.
+SESSION_CACHE = "FSSDP_TEST_SESSION_CACHE"
+
 
 def session_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The temporary directory every worker of this session sees."""
@@ -31,17 +35,27 @@ def session_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
-def shared(tmp_path_factory: pytest.TempPathFactory, key: str, make: Callable[[Path], T]) -> T:
-    """`make(directory)` once per session for `key`; every later caller gets a copy of its
-    value (loaded from disk). A `make` that fails saves nothing: the next caller tries again."""
-    root = session_root(tmp_path_factory) / "shared-fixtures"
+def once(root: Path, key: str, make: Callable[[], T]) -> T:
+    """`make()` once for (`root`, `key`), under a file lock; every later caller, in any
+    process, gets a copy of its value (loaded from disk). A `make` that fails saves nothing:
+    the next caller tries again."""
     root.mkdir(exist_ok=True)
     saved = root / f"{key}.pt"
     with FileLock(str(root / f"{key}.lock")):
         if saved.exists():
             return torch.load(saved, weights_only=False)
-        work = root / f"{key}-{os.getpid()}"
-        work.mkdir()
-        value = make(work)
+        value = make()
         torch.save(value, saved)
         return value
+
+
+def shared(tmp_path_factory: pytest.TempPathFactory, key: str, make: Callable[[Path], T]) -> T:
+    """`make(directory)` once per session for `key` (`once` in the session's shared root)."""
+    root = session_root(tmp_path_factory) / "shared-fixtures"
+
+    def in_own_dir() -> T:
+        work = root / f"{key}-{os.getpid()}"
+        work.mkdir()
+        return make(work)
+
+    return once(root, key, in_own_dir)
