@@ -26,6 +26,7 @@ _MISMATCH_TEXT = ("size mismatch", "missing key", "unexpected key", "does not ha
 # Keys that a resume may change freely; left out of the "config differs in …" list.
 _FREE_KEYS = {"train.steps", "train.resume", "train.resume_fallback", "train.resume_step"}
 _FREE_KEYS |= {"train.progress", "train.log_every", "train.val_every", "train.ckpt_every"}
+_FREE_KEYS |= {"train.checkpoints", "train.load_figures"}
 
 
 class CheckpointError(UserError):

@@ -3,7 +3,7 @@
 Only rank 0 writes; the values it writes are already gathered over ranks by the trainer.
 Tensorboard gets every scalar, per-rank lists as `key/rank{r}`, phase times as
 `phase_time_s/{phase}/{max,mean}`, the expert load of each bank as a histogram over expert ids
-(`expert_load/{bank}`, bucket e = [e-0.5, e+0.5]) and, about FIGURES_PER_RUN times a run, figures
+(`expert_load/{bank}`, bucket e = [e-0.5, e+0.5]) and, about `figures` times a run, figures
 (`add_figure`: banks × expert ids, colour bar, the owning rank in each cell) of the load and of
 the replicas per expert (launch/report_load.py).
 """
@@ -22,8 +22,6 @@ from typing import Any
 import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
-FIGURES_PER_RUN = 8  # tensorboard's labelled load figures, about this many per run
-
 
 def peak_rss_bytes() -> int:
     """This process's peak resident set size (Linux reports KiB)."""
@@ -41,16 +39,19 @@ def expert_load_imbalance(load: dict[str, Any]) -> float | None:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, progress: bool) -> None:
+    def __init__(
+        self, run_dir: Path, enabled: bool, total_steps: int, progress: bool, figures: int = 8
+    ) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
+        self.figures = figures  # labelled load figures per run (train.load_figures), 0: none
         self.progress = progress and enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb_dir = run_dir / "tensorboard"
         self._start = time.perf_counter()
         self._initial = 0  # the step this process started from (a resume's)
         self._owners_at: dict[str, list[int]] | None = None  # the latest logged `owners`
-        self._figure_part = -1  # the eighth of the run whose figures were drawn last
+        self._figure_part = -1  # the part of the run (1/figures) whose figures were drawn last
         self._writer: SummaryWriter | None = None
         if enabled:
             self._writer = SummaryWriter(log_dir=str(self.tb_dir))
@@ -138,9 +139,9 @@ class MetricsLogger:
                     global_step=step,
                 )
         # A labelled figure costs ~0.3 s of rank 0's time (the others wait at the next step):
-        # drawn at the first logged step, the last, and about every eighth of the run between.
-        part = step * FIGURES_PER_RUN // max(1, self.total_steps)
-        if part == self._figure_part and step != self.total_steps:
+        # drawn at the first logged step, the last, and about every 1/figures of the run between.
+        part = step * self.figures // max(1, self.total_steps)
+        if self.figures == 0 or (part == self._figure_part and step != self.total_steps):
             return
         self._figure_part = part
         for tag, rows, kind in (

@@ -77,6 +77,11 @@ def signal_name(signum: int) -> str:
 
 
 def stop_line(signum: int, step: int, path: Any) -> str:
+    if path is None:  # train.checkpoints=false
+        return (
+            f"fssdp: stopped by {signal_name(signum)} after step {step}: no checkpoint written "
+            "(train.checkpoints=false), so the run cannot resume from this step"
+        )
     return (
         f"fssdp: stopped by {signal_name(signum)} after step {step}: checkpoint {path} "
         "written; run the same command again to resume from it"
@@ -84,11 +89,12 @@ def stop_line(signum: int, step: int, path: Any) -> str:
 
 
 def stop_run(trainer: Any, signum: int, saved: Any) -> None:
-    """Every rank: checkpoint this step (unless `saved`, this step's checkpoint, exists),
-    rank 0 prints one line, the lock is released, exit 0 (SystemExit)."""
+    """Every rank: checkpoint this step (unless `saved`, this step's checkpoint, exists, or
+    train.checkpoints is false), rank 0 prints one line, the lock is released, exit 0
+    (SystemExit)."""
     from launch.lock import release_held
 
-    path = saved if saved is not None else trainer.save()
+    path = saved if saved is not None or not trainer.cfg.checkpoints else trainer.save()
     if trainer.info.is_main:
         print(stop_line(signum, trainer.step, path), flush=True)
     trainer.metrics.close()

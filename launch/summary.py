@@ -93,7 +93,10 @@ def start_lines(cfg: Any, world: int, run_dir: Path) -> list[str]:
     data = d.name + (f" {d.path}" if d.path else "")
     every = [f"log every {t.log_every}"]
     every += [f"validate every {t.val_every}"] if t.val_every else ["validate at the end"]
-    every += [f"checkpoint every {t.ckpt_every}"] if t.ckpt_every else ["checkpoint at the end"]
+    if not t.checkpoints:
+        every += ["no checkpoints"]
+    else:
+        every += [f"checkpoint every {t.ckpt_every}"] if t.ckpt_every else ["checkpoint at the end"]
     knobs = f" (plan_mode {p.plan_mode}, memory_cap {p.memory_cap})"
     return [
         f"model:    {preset_of(cfg.model)}: {_count(total)} parameters, {_count(active)} active "

@@ -49,6 +49,9 @@ class TrainConfig:
     log_every: int = 10
     val_every: int = 0  # 0: validate only at the end
     ckpt_every: int = 0  # 0: checkpoint only at the end
+    # false: write no checkpoint at all, not at the end nor on preemption (benchmarks, smoke
+    # runs: a GPT-MoE bench run's final save is ~2 s and 0.4 GB); resuming still reads them.
+    checkpoints: bool = True
     keep_last: int = 3  # checkpoints kept (0 = all)
     # auto: continue from the run directory's latest checkpoint when one exists (what a
     # torchrun restart needs); true: require the checkpoints folder; false: start fresh
@@ -61,6 +64,9 @@ class TrainConfig:
     phase_timing: bool = True  # per-rank phase times and spans of every logged step
     profile_steps: list[int] = field(default_factory=list)  # [a, b]: torch.profiler, steps a..b
     routing_trace: bool = False  # rank 0 writes <run>/routing_trace.jsonl (tokens per expert)
+    # Labelled tensorboard figures of the expert load per run (launch/metrics.py); rank 0 draws
+    # each in 0.1-0.3 s while the other ranks wait at the next step; 0: none (benchmarks).
+    load_figures: int = 8
     # -- pretraining switches (launch/step.py, fssdp/recompute.py, launch/preempt.py) --
     # Sequences per rank per micro-batch (gradient accumulation; 0: the whole per-rank batch).
     micro_batch_size: int = 0
@@ -98,6 +104,7 @@ TRAIN_RULES = (
     at_least("val_every", 0, "e.g. {key}=100", note="0 = only at the end"),
     at_least("ckpt_every", 0, "e.g. {key}=100", note="0 = only at the end"),
     at_least("keep_last", 0, "e.g. {key}=3", note="0 = keep all"),
+    at_least("load_figures", 0, "e.g. {key}=8", note="0 = none"),
     Rule(
         "resume",
         lambda v, _: str(v).strip().lower() in ("auto", "true", "false"),
@@ -173,7 +180,9 @@ class Trainer:
         self.reducer = batch_reducer()
         self.step = 0  # optimizer steps taken
         self.ckpt_root = run_dir / "checkpoints"
-        self.metrics = MetricsLogger(run_dir, info.is_main, train_cfg.steps, train_cfg.progress)
+        self.metrics = MetricsLogger(
+            run_dir, info.is_main, train_cfg.steps, train_cfg.progress, train_cfg.load_figures
+        )
         self.history: list[dict[str, Any]] = []  # rank 0's logged records (for the summary)
         self.scheduler = build_scheduler(opt, train_cfg.steps, optim_cfg)  # warm-up + cosine
         self._owners: Any = None  # the expert owners last logged (ep, fssdp)
@@ -430,7 +439,8 @@ class Trainer:
                     self.history.append(record)
                     self.metrics.log(record)
                 saved = None
-                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last:
+                due = (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last
+                if due and cfg.checkpoints:
                     saved = self.save()
                 if not last and (signum := preempt.agreed()):
                     stop_run(self, signum, saved)

@@ -1,7 +1,9 @@
 """The pretraining switches at world 2, in one process group: `train.compile=true` (under fsdp)
 equals eager within fp32 tolerance and really compiles; Ctrl-C (SIGINT) on rank 0 alone stops
 `fit` on both ranks after the same step ([Note: preemption] in launch/preempt.py: the ranks
-agree), with a checkpoint and one line; `peak_cuda_bytes` is logged only on CUDA."""
+agree), with a checkpoint and one line; `peak_cuda_bytes` is logged only on CUDA;
+`train.checkpoints=false` writes no checkpoint (at the end or on Ctrl-C) and
+`train.load_figures=0` no tensorboard figure (the benchmarks' settings)."""
 
 from __future__ import annotations
 
@@ -45,13 +47,14 @@ def _compile_case(rank: int) -> dict[str, Any]:
     return {"eager": eager, "compiled": compiled, "graphs": counters["stats"]["unique_graphs"]}
 
 
-def _sigint_case(rank: int, tmp: Path) -> dict[str, Any]:
+def _sigint_case(rank: int, tmp: Path, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     def interrupt(par: Any, step: int) -> None:
         if step == 2 and rank == 0:  # Ctrl-C on rank 0 only, while step 2 is in flight
             os.kill(os.getpid(), signal.SIGINT)
 
-    run = tmp / "sigint"
-    trainer = _trainer(rank, run, [*TINY, "train.steps=5", "train.ckpt_every=100"], interrupt)
+    run = tmp / ("sigint" + "_".join(extra))
+    args = [*TINY, "train.steps=5", "train.ckpt_every=100", *extra]
+    trainer = _trainer(rank, run, args, interrupt)
     out = io.StringIO()
     code = None
     # what fit must restore: the handler before it (not necessarily Python's default: an
@@ -67,11 +70,28 @@ def _sigint_case(rank: int, tmp: Path) -> dict[str, Any]:
             "handler": signal.getsignal(signal.SIGINT) is before}  # fmt: skip
 
 
+def _outputs(run: Path) -> dict[str, Any]:
+    """The checkpoints and the tensorboard figures a finished run left."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    return {"ckpts": ckpts, "images": sorted(acc.Tags()["images"])}
+
+
+def _no_outputs_case(rank: int, tmp: Path) -> dict[str, Any]:
+    off = ("train.checkpoints=false", "train.load_figures=0")
+    _trainer(rank, tmp / "off", [*TINY, "train.steps=2", *off]).fit()
+    return {"sigint": _sigint_case(rank, tmp, off), "outputs": _outputs(tmp / "off")}
+
+
 def _cuda_field_case(rank: int, tmp: Path) -> dict[str, Any]:
     import launch.trainer as tr
 
-    seen = {}
+    seen: dict[str, Any] = {}
     seen["cpu"] = _trainer(rank, tmp / "a", [*TINY, "train.steps=1"]).fit()
+    seen["outputs"] = _outputs(tmp / "a")  # the defaults: a checkpoint and the figures
     real = tr.peak_cuda_bytes
     tr.peak_cuda_bytes = lambda device: 12345 + rank  # as on a CUDA device
     try:
@@ -88,6 +108,7 @@ def _all(rank: int, world: int, tmp: str) -> dict[str, Any]:
         "compile": _compile_case(rank),
         "sigint": _sigint_case(rank, root),
         "cuda": _cuda_field_case(rank, root),
+        "off": _no_outputs_case(rank, root),
     }
 
 
@@ -113,6 +134,16 @@ def test_compile_sigint_and_cuda_memory(tmp_path: Path) -> None:
     cpu, cuda = m["cpu"][-1], m["cuda"][-1]  # rank 0's records: every rank's figures
     assert "peak_cuda_bytes" not in cpu and min(cpu["peak_rss_bytes"]) > 0
     assert cuda["peak_cuda_bytes"] == [12345, 12346]
+
+    default, off = m["outputs"], got["off"]["outputs"]
+    assert default["ckpts"] == ["step_00000001"], default
+    assert {"expert_load_heatmap", "replicas_heatmap"} <= set(default["images"]), default
+    assert off == {"ckpts": [], "images": []}, off  # nothing at the end of a finished run
+    for rank, r in enumerate(ranks):  # nor on Ctrl-C: the ranks still stop together
+        s = r["off"]["sigint"]
+        assert s["code"] == 0 and s["step"] == 2 and s["ckpts"] == [], (rank, s)
+    lines = [line for line in got["off"]["sigint"]["out"].splitlines() if line.strip()]
+    assert len(lines) == 1 and "no checkpoint written (train.checkpoints=false)" in lines[0]
 
 
 def assert_close(ref: dict[str, Any], got: dict[str, Any], tol: float) -> None:
