@@ -24,7 +24,9 @@ RULES = [(section, rule) for section, rules in rule_tables() for rule in rules]
 IDS = [f"{section}.{rule.key}" for section, rule in RULES]
 # Fields that need no range: booleans (typed by the schema) and paths (checked when opened).
 NO_RULE = {
-    "train": {"resume_fallback", "progress", "phase_timing", "routing_trace", "compile", "checkpoints"},
+    "train": {
+        "resume_fallback", "progress", "phase_timing", "routing_trace", "compile", "checkpoints"
+    },
     "data": {"path", "val_path"},
     "parallel": {"rematerialize", "cost_aware"},  # booleans
     "optim": set(),
