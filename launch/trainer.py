@@ -64,9 +64,8 @@ class TrainConfig:
     phase_timing: bool = True  # per-rank phase times and spans of every logged step
     profile_steps: list[int] = field(default_factory=list)  # [a, b]: torch.profiler, steps a..b
     routing_trace: bool = False  # rank 0 writes <run>/routing_trace.jsonl (tokens per expert)
-    # Labelled tensorboard figures of the expert load per run (launch/metrics.py); rank 0 draws
-    # each while the other ranks wait at the next step (0.55 s a figure for gpt_moe_bench's 8
-    # banks x 16 experts); 0: none (benchmarks).
+    # Labelled tensorboard load figures per run (launch/metrics.py), drawn by rank 0 while the
+    # others wait (0.55 s each for gpt_moe_bench's 8 banks x 16 experts); 0: none (benchmarks).
     load_figures: int = 8
     # -- pretraining switches (launch/step.py, fssdp/recompute.py, launch/preempt.py) --
     # Sequences per rank per micro-batch (gradient accumulation; 0: the whole per-rank batch).
