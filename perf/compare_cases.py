@@ -111,8 +111,8 @@ def command(case: Case, s: Settings, run_dir: Path) -> list[str]:
         f"train.global_batch_size={s.global_batch(case.world)}",
         f"train.seq_len={s.seq_len}",
         "train.progress=false",
-        # no figures (rank 0 would draw them while the others wait: steps ~0.3 s slower at
-        # random) and no final checkpoint (seconds of writing): the runs measure training
+        # no figures (rank 0 would draw two, 0.55 s each for gpt_moe_bench, about nine times a
+        # run while the others wait) and no final checkpoint: the runs measure training
         "train.load_figures=0",
         "train.checkpoints=false",
         "data.val_batches=1",

@@ -52,7 +52,7 @@ def _sigint_case(rank: int, tmp: Path, extra: tuple[str, ...] = ()) -> dict[str,
         if step == 2 and rank == 0:  # Ctrl-C on rank 0 only, while step 2 is in flight
             os.kill(os.getpid(), signal.SIGINT)
 
-    run = tmp / ("sigint" + "_".join(extra))
+    run = tmp / ("sigint_off" if extra else "sigint")
     args = [*TINY, "train.steps=5", "train.ckpt_every=100", *extra]
     trainer = _trainer(rank, run, args, interrupt)
     out = io.StringIO()
