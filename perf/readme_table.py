@@ -66,23 +66,34 @@ def ratio_table(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def dense_s(case: dict[str, Any]) -> float | None:
+    """The dense phases' time a step (`forward` + `backward`, each the median over steps of the
+    slowest rank): the same work under every system of a model and world, so their spread
+    across cases shows how the machine's speed moved between runs."""
+    ph = case.get("phase_time_s") or {}
+    if "forward" not in ph or "backward" not in ph:
+        return None
+    return ph["forward"]["max"] + ph["backward"]["max"]
+
+
 def window_table(rep: dict[str, Any]) -> str:
     """Each case's measured window: steps, step time (median, 10th-90th centile), the repeats'
-    spread, and the expert-load imbalance it ran under (max/mean rows, median over steps)."""
+    spread, the expert-load imbalance it ran under (max/mean rows, median over steps), and its
+    dense phases' time (`dense_s`)."""
     lines = [
-        "| case | steps | step s (p10-p90) | repeat spread | load imbalance |",
-        "|---|---|---|---|---|",
+        "| case | steps | step s (p10-p90) | repeat spread | load imbalance | dense fwd+bwd s |",
+        "|---|---|---|---|---|---|",
     ]
     for key, c in rep["cases"].items():
         if "step_time_s" not in c:
-            lines.append(f"| {key} | {c.get('error', 'no figures')} | | | |")
+            lines.append(f"| {key} | {c.get('error', 'no figures')} | | | | |")
             continue
         lo, hi = c.get("step_time_p10_p90_s") or (None, None)
         spread = c.get("repeat_spread")
         lines.append(
             f"| {key} | {c['steps_measured']} | {c['step_time_s']:.3f} ({_f(lo, '{:.3f}')}-"
             f"{_f(hi, '{:.3f}')}) | {_f(spread, '{:.1%}')} | "
-            f"{_f(c.get('expert_load_imbalance'), '{:.2f}')} |"
+            f"{_f(c.get('expert_load_imbalance'), '{:.2f}')} | {_f(dense_s(c), '{:.3f}')} |"
         )
     return "\n".join(lines)
 

@@ -12,6 +12,7 @@ from perf.balanced_train import balanced_route, round_robin_experts
 from perf.compare import build_report, parse
 from perf.compare_cases import QUICK, SYSTEMS, Case, cases, command
 from perf.compare_stats import summarize
+from perf.readme_table import dense_s, window_table
 
 TOKENS = QUICK.tokens(2)
 
@@ -120,6 +121,19 @@ def test_spread_of_repeats_and_steps() -> None:
     assert fig["repeat_spread"] == pytest.approx(0.2 / fig["step_time_s"])
     lo, hi = fig["step_time_p10_p90_s"]
     assert lo == pytest.approx(1.0) and hi == pytest.approx(1.2)
+
+
+def test_dense_phases_of_a_case() -> None:
+    """The window table's drift marker: the slowest rank's forward + backward, per step."""
+    recs = fake_run(1.0, 1.0, steps=12)
+    for r in recs:
+        r["phase_time_s"]["backward"] = [0.5, 0.7]
+    fig = summarize([recs], QUICK.warmup, TOKENS)
+    assert dense_s(fig) == pytest.approx(0.3 + 0.7)
+    assert dense_s({"phase_time_s": {"forward": {"max": 1.0}}}) is None  # no backward phase
+    rep = {"cases": {"m/w2/ep/natural": fig, "m/w2/deepspeed/natural": {**fig, "phase_time_s": {}}}}
+    rows = window_table(rep).splitlines()[2:]
+    assert rows[0].endswith("| 1.000 |") and rows[1].endswith("| — |")
 
 
 def test_summarize_needs_measured_steps() -> None:
