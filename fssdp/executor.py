@@ -231,21 +231,10 @@ class FSSDPExecutor:
         key_E = torch.where(lut_E >= 0, lut_E, K + rep_E)  # owned first, then replicas
 
         def compute(x_MD: Tensor, expert_M: Tensor) -> Tensor:
-            x_MD = rows(x_MD, self.compute_dtype)
-            key_M = key_E[expert_M]
-            order_M = torch.argsort(key_M, stable=True)
-            key_sorted = key_M.index_select(0, order_M)
-            n_own = int((key_sorted < K).sum())
-            x_sorted = x_MD.index_select(0, order_M)
             own_w = weights(bank.stacked(), self.compute_dtype)
-            parts = [bank.compute(own_w, x_sorted[:n_own], key_sorted[:n_own])]
-            if key_sorted.numel() > n_own:
-                rep_w = self.replicas.layout.views(rows_RS)
-                parts.append(bank.compute(rep_w, x_sorted[n_own:], key_sorted[n_own:] - K))
-            y_sorted = torch.cat(parts) if len(parts) > 1 else parts[0]
-            inverse_M = torch.empty_like(order_M)
-            inverse_M[order_M] = torch.arange(order_M.numel(), device=dev)
-            y_MO = y_sorted.index_select(0, inverse_M)
+            rep_w = self.replicas.layout.views(rows_RS)
+            x_MD = rows(x_MD, self.compute_dtype)
+            y_MO = bank.compute_parts((own_w, rep_w), x_MD, key_E[expert_M])
             return Tie.apply(y_MO, rows_RS) if rows_RS.requires_grad else y_MO
 
         return compute

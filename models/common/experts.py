@@ -14,7 +14,7 @@ collectives/).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -84,24 +84,36 @@ class ExpertBank(nn.Module):
         results are scattered back to the original row order. Experts with no rows are skipped
         (their weights then get no gradient).
         """
-        n_exp = next(iter(w.values())).shape[0]
+        return self.compute_parts((w,), x_ND, expert_N)
+
+    def compute_parts(
+        self, parts: Sequence[dict[str, Tensor]], x_ND: Tensor, expert_N: Tensor
+    ) -> Tensor:
+        """`compute` over several weight stacks laid end to end: expert i of parts[1] is id
+        len(parts[0]) + i, and so on (an owner's parameters, then the replicas it received).
+        One sort of the rows, no concatenated copy of the weights on the per-expert path."""
         N = x_ND.shape[0]
         if N == 0:
             return x_ND.new_zeros(0, self.out_features)
+        n_exp = sum(next(iter(w.values())).shape[0] for w in parts)
         order_N = torch.argsort(expert_N, stable=True)
         counts = torch.bincount(expert_N, minlength=n_exp).tolist()
         x_sorted_ND = x_ND.index_select(0, order_N)
-        fast = _grouped_mm_path(self, w, x_sorted_ND, counts)
+        fast = _grouped_mm_path(self, parts, x_sorted_ND, counts)
         if fast is not None:
             y_sorted_NO = fast
         else:
             # unbind, not w[e] per expert: one backward stacks all experts' gradients, where
             # each select's backward would zero-fill a full [E, ...] tensor.
-            per_expert = {k: v.unbind(0) for k, v in w.items()}
-            outs = []
-            for e, x_nD in enumerate(x_sorted_ND.split(counts)):
-                if x_nD.shape[0] > 0:
-                    outs.append(self.expert_forward({k: v[e] for k, v in per_expert.items()}, x_nD))
+            names = list(parts[0])
+            per_expert = [
+                dict(zip(names, ws)) for w in parts for ws in zip(*(w[k].unbind(0) for k in names))
+            ]
+            outs = [
+                self.expert_forward(per_expert[e], x_nD)
+                for e, x_nD in enumerate(x_sorted_ND.split(counts))
+                if x_nD.shape[0] > 0
+            ]
             y_sorted_NO = torch.cat(outs, dim=0)
         inverse_N = torch.empty_like(order_N)
         inverse_N[order_N] = torch.arange(N, device=order_N.device)
@@ -220,9 +232,10 @@ class LinearExperts(ExpertBank):
 
 
 def _grouped_mm_path(
-    bank: ExpertBank, w: dict[str, Tensor], x_sorted_ND: Tensor, counts: list[int]
+    bank: ExpertBank, parts: Sequence[dict[str, Tensor]], x_sorted_ND: Tensor, counts: list[int]
 ) -> Tensor | None:
-    """bf16 grouped GEMM on CUDA via torch._grouped_mm, for bias-free MLP/linear experts.
+    """bf16 grouped GEMM on CUDA via torch._grouped_mm, for bias-free MLP/linear experts
+    (several weight stacks are concatenated first: one grouped GEMM needs one stack).
 
     Returns None when the fast path does not apply (CPU, other dtypes, biases, no op), and the
     caller then takes the per-expert loop, which computes the same function.
@@ -230,8 +243,9 @@ def _grouped_mm_path(
     if not (x_sorted_ND.is_cuda and x_sorted_ND.dtype == torch.bfloat16):
         return None
     grouped_mm = getattr(torch, "_grouped_mm", None)
-    if grouped_mm is None or any(k.startswith("b") for k in w):
+    if grouped_mm is None or any(k.startswith("b") for k in parts[0]):
         return None
+    w = parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     offs = torch.tensor(counts, device=x_sorted_ND.device).cumsum(0).to(torch.int32)
     if isinstance(bank, LinearExperts):
         return grouped_mm(x_sorted_ND, w["weight"], offs=offs)

@@ -83,3 +83,33 @@ def test_bank_names_and_expert_numel() -> None:
     assert [b.bank_name for b in banks] == ["a", "b"]
     assert banks[0].expert_numel() == 8 * 16 + 16 + 16 * 8 + 8
     assert banks[1].expert_numel() == 2 * 8 * 12 + 12 * 5
+
+
+@pytest.mark.parametrize("bank_name", BANKS)
+@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize("split", [0, 2, 6])
+def test_parts_laid_end_to_end(bank_name: str, routing: str, split: int) -> None:
+    """compute_parts over stacks [0, split) and [split, 6) is the per-row computation with the
+    whole stack: values and the gradients of the rows and of both stacks (one of them empty
+    when split is 0 or 6)."""
+    torch.manual_seed(0)
+    bank = BANKS[bank_name]()
+    w = bank.stacked()
+    head = {k: v[:split].detach().requires_grad_() for k, v in w.items()}
+    tail = {k: v[split:].detach().requires_grad_() for k, v in w.items()}
+    x_ND = torch.randn(21, 8, requires_grad=True)
+    expert_N = ROUTINGS[routing](21)
+    y = bank.compute_parts((head, tail), x_ND, expert_N)
+    y_ref = per_row(bank, x_ND, expert_N)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    leaves = [*head.values(), *tail.values()]
+    grads = torch.autograd.grad((y * g).sum(), [x_ND, *leaves], allow_unused=True)
+    grads_ref = torch.autograd.grad((y_ref * g).sum(), [x_ND, *w.values()])
+    n = len(w)
+    for i, (name, ref) in enumerate(zip(w, grads_ref[1:])):
+        a, b = grads[1 + i], grads[1 + n + i]  # None: no row reached that stack
+        a = torch.zeros_like(head[name]) if a is None else a
+        b = torch.zeros_like(tail[name]) if b is None else b
+        torch.testing.assert_close(torch.cat([a, b]), ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[0], grads_ref[0], rtol=1e-12, atol=1e-12)
