@@ -35,7 +35,8 @@ BIG = 1 << 42  # above any row count a bank sees in one step (checked in _check_
 # needs); the cuts beyond stay with the shedder. B = 6 candidates are planned at once: keep =
 # lam, 3/4 lam, 1/2 lam (keeping less leaves rooms on the over-loaded ranks too, which take the
 # last small pieces that would overflow the others' slots), each with rooms largest first and
-# smallest first (ties: rank id); the candidate with the fewest rows on its busiest rank wins
+# smallest first (ties: rank id; on more than one node six more, [Note: rooms dealt over
+# nodes]); the candidate with the fewest rows on its busiest rank wins
 # (ties: the first). One pass, no loop: O(W E) for the counts, the rest on B (P + W) entries.
 # Never worse than the base placement: no rank ends above max(lam, its rows before). Weakest
 # with m = 1 (one slot per rank): a room shared by two pieces can keep only one of them.
@@ -63,8 +64,17 @@ class Cuts:
 
 
 KEEP4 = np.array(KEEP, dtype=np.int64)
-B_OFF = ((np.arange(len(KEEP), dtype=np.int64) * 2 + 1) * BIG)[:, None]  # candidate offsets
-ROOM_SIGN = (1 - 2 * np.array(ROOMS_UP, dtype=np.int64))[:, None]
+ROOM_SIGN = 1 - 2 * np.array(ROOMS_UP, dtype=np.int64)
+
+
+def candidates(topology: Topology) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(keep4_B, room_sign_B, dealt_B) of the candidates: on one node the six of [Note: exact
+    mode]; on more, the same six with their rooms dealt over nodes first ([Note: rooms dealt
+    over nodes]; ties of the busiest rank go to them), then the six node-blind ones."""
+    if topology.num_nodes == 1:
+        return KEEP4, ROOM_SIGN, np.zeros(KEEP4.size, dtype=bool)
+    dealt = np.repeat(np.array([True, False]), KEEP4.size)
+    return np.tile(KEEP4, 2), np.tile(ROOM_SIGN, 2), dealt
 
 
 def _check_rows(counts: np.ndarray, total: int) -> None:
@@ -85,6 +95,41 @@ def _base_consts(base: Placement, B: int) -> tuple[np.ndarray, np.ndarray, np.nd
     return base._cache[key]
 
 
+# [Note: rooms dealt over nodes]
+# A hot expert's piece fills many consecutive rooms of the line, one copy each. Ordered by size
+# alone (ties: rank id) those rooms bunch into a few nodes: one expert's 32 copies on 64 ranks of
+# 8 nodes came out 4, 6, 7, 7, 5, 1, 1, 1 per node (the simulator, A100s, skewed). The even
+# split then gives each node its holders' share, which the sources of a node with one holder
+# do not fill and those of a node with seven overfill, so a quarter of that expert's rows
+# crossed nodes. With more than one node six more candidates deal the rooms: each node's rooms
+# in the candidate's size order, then round j takes every node's j-th room (in size order among
+# them, ties by rank id). Any run of consecutive rooms then spans the nodes evenly (within one),
+# so a piece's copies do too and each node computes about its own rows of the expert. Dealing
+# can cost balance (a big piece meets small rooms and needs more slots than the capped ranks
+# have), so the node-blind candidates stay and the busiest rank still decides; the dealt ones
+# come first and win its ties. On one node nothing changes.
+
+
+def room_order(
+    room_BW: np.ndarray, sign_B: np.ndarray, dealt_B: np.ndarray, topology: Topology
+) -> np.ndarray:
+    """Flat [B W] indices of every candidate's rooms in filling order: by size (largest first
+    where sign_B is 1, smallest first where -1), dealt over nodes where dealt_B ([Note: rooms
+    dealt over nodes])."""
+    B, W = room_BW.shape
+    key_BW = BIG - sign_B[:, None] * room_BW  # in (0, 2 BIG): rooms are below BIG
+    rounds = 1
+    if dealt_B.any():
+        N, R = topology.num_nodes, topology.ranks_per_node
+        within = np.argsort(key_BW.reshape(B, N, R), axis=2, kind="stable")
+        j_BNR = np.empty_like(within)
+        np.put_along_axis(j_BNR, within, np.broadcast_to(np.arange(R), within.shape), axis=2)
+        key_BW = (j_BNR.reshape(B, W) * dealt_B[:, None]) * (2 * BIG) + key_BW
+        rounds = R
+    off_B = np.arange(B, dtype=np.int64)[:, None] * (rounds * 2 * BIG)
+    return np.argsort((off_B + key_BW).ravel(), kind="stable")
+
+
 def cut(counts_WE: Tensor, base: Placement, topology: Topology, m: int) -> Cuts:
     """Every candidate of [Note: exact mode] for counts_WE on top of `base`."""
     W = base.world_size
@@ -100,13 +145,14 @@ def cut(counts_WE: Tensor, base: Placement, topology: Topology, m: int) -> Cuts:
     total = int(q_P.sum())
     _check_rows(counts, total)
     lam = (total + (W - 1)) // W
-    B = KEEP4.size
+    keep4_B, sign_B, dealt_B = candidates(topology)
+    B = keep4_B.size
     pr_big, ar_BP, ar_BW = _base_consts(base, B)
     order = np.argsort(pr_big - q_P, kind="stable")  # by rank, largest holding first
     q_s, r_s = q_P[order], pr[order]
     lcum = load.cumsum()
     over_s = q_s.cumsum() - (lcum - load)[r_s] - q_s  # my rank's rows before me
-    excess_BW = (load - (lam * KEEP4 // 4)[:, None]) * (load > lam)
+    excess_BW = (load - (lam * keep4_B // 4)[:, None]) * (load > lam)
     shed_BP = np.maximum(np.minimum(excess_BW[:, r_s] - over_s, q_s), 0)
     shed_W = add_at(B * W, (ar_BW.reshape(B, W)[:, :1] + r_s).ravel(), shed_BP.ravel())
     kept_BW = load - shed_W.reshape(B, W)
@@ -114,8 +160,9 @@ def cut(counts_WE: Tensor, base: Placement, topology: Topology, m: int) -> Cuts:
     free_W = None if owner_only else np.maximum(m - hb.replicas_W, 0)
     if free_W is not None:
         room_BW *= free_W > 0
-    piece = np.argsort((B_OFF - shed_BP).ravel(), kind="stable")  # largest first, per candidate
-    room = np.argsort((B_OFF - ROOM_SIGN * room_BW).ravel(), kind="stable")
+    b_off = ((np.arange(B, dtype=np.int64) * 2 + 1) * BIG)[:, None]  # candidates apart
+    piece = np.argsort((b_off - shed_BP).ravel(), kind="stable")  # largest first, per candidate
+    room = room_order(room_BW, sign_B, dealt_B, topology)
     size = shed_BP.ravel()[piece]
     a_end = size.cumsum()  # candidates end to end; each one's rooms cover its pieces
     tot_B = a_end.reshape(B, P)[:, -1]
