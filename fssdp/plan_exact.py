@@ -70,8 +70,9 @@ ROOM_SIGN = 1 - 2 * np.array(ROOMS_UP, dtype=np.int64)
 def candidates(topology: Topology) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(keep4_B, room_sign_B, dealt_B) of the candidates: on one node the six of [Note: exact
     mode]; on more, the same six with their rooms dealt over nodes first ([Note: rooms dealt
-    over nodes]; ties of the busiest rank go to them), then the six node-blind ones."""
-    if topology.num_nodes == 1:
+    over nodes]; ties of the busiest rank go to them), then the six node-blind ones. With one
+    rank per node a deal is the size order itself, so the six suffice there too."""
+    if topology.num_nodes == 1 or topology.ranks_per_node == 1:
         return KEEP4, ROOM_SIGN, np.zeros(KEEP4.size, dtype=bool)
     dealt = np.repeat(np.array([True, False]), KEEP4.size)
     return np.tile(KEEP4, 2), np.tile(ROOM_SIGN, 2), dealt
