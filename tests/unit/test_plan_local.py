@@ -125,6 +125,26 @@ def test_rooms_dealt_over_nodes_cross_fewer_rows_at_the_same_balance() -> None:
         assert int(per_node.max() - per_node.min()) <= 1, (e, per_node.tolist())
 
 
+@pytest.mark.parametrize("seed", range(30))
+def test_dealt_rooms_never_raise_the_busiest_rank(seed: int) -> None:
+    """The node-blind candidates stay among exact mode's ([Note: rooms dealt over nodes]), so
+    on an ownership the busiest rank is never above the node-blind planner's (the same
+    planner on a one-node topology), and the placement keeps the memory cap."""
+    rng = random.Random(100 + seed)
+    W, R = rng.choice([(4, 2), (6, 3), (8, 2), (8, 4), (12, 4), (16, 8)])
+    E = rng.randint(1, 24)
+    hot = [rng.choice([0, 1, 5, 20, 100, 400]) for _ in range(E)]
+    counts = torch.tensor(
+        [[rng.randint(0, 3 * h) if rng.random() < 0.8 else 0 for h in hot] for _ in range(W)]
+    )
+    own = Placement.from_owners([rng.randrange(W) for _ in range(E)], W)
+    topo, m = Topology(W, R), rng.randint(1, 3)
+    dealt, blind = plan_exact(counts, own, topo, m), plan_exact(counts, own, Topology(W, W), m)
+    check_superset(dealt, own, m)
+    busiest = [max(rows_per_rank(counts, assign_tokens(counts, p, topo))) for p in (dealt, blind)]
+    assert busiest[0] <= busiest[1], busiest
+
+
 def test_locality_rejects_negative_sizes() -> None:
     with pytest.raises(ValueError, match="Locality"):
         Locality(-1, 10, 1)
