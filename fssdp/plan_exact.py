@@ -65,6 +65,11 @@ class Cuts:
 
 KEEP4 = np.array(KEEP, dtype=np.int64)
 ROOM_SIGN = 1 - 2 * np.array(ROOMS_UP, dtype=np.int64)
+# (keep4_B, room_sign_B, dealt_B) on one node, and on more (made once: `cut` runs per bank call)
+NODE_BLIND = (KEEP4, ROOM_SIGN, np.zeros(KEEP4.size, dtype=bool))
+WITH_DEALT = (
+    np.tile(KEEP4, 2), np.tile(ROOM_SIGN, 2), np.repeat(np.array([True, False]), KEEP4.size)
+)
 
 
 def candidates(topology: Topology) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -73,9 +78,8 @@ def candidates(topology: Topology) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     over nodes]; ties of the busiest rank go to them), then the six node-blind ones. With one
     rank per node a deal is the size order itself, so the six suffice there too."""
     if topology.num_nodes == 1 or topology.ranks_per_node == 1:
-        return KEEP4, ROOM_SIGN, np.zeros(KEEP4.size, dtype=bool)
-    dealt = np.repeat(np.array([True, False]), KEEP4.size)
-    return np.tile(KEEP4, 2), np.tile(ROOM_SIGN, 2), dealt
+        return NODE_BLIND
+    return WITH_DEALT
 
 
 def _check_rows(counts: np.ndarray, total: int) -> None:

@@ -105,12 +105,9 @@ class ExpertBank(nn.Module):
         else:
             # unbind, not w[e] per expert: one backward stacks all experts' gradients, where
             # each select's backward would zero-fill a full [E, ...] tensor.
-            names = list(parts[0])
-            per_expert = [
-                dict(zip(names, ws)) for w in parts for ws in zip(*(w[k].unbind(0) for k in names))
-            ]
+            per_expert = {k: sum((w[k].unbind(0) for w in parts), ()) for k in parts[0]}
             outs = [
-                self.expert_forward(per_expert[e], x_nD)
+                self.expert_forward({k: v[e] for k, v in per_expert.items()}, x_nD)
                 for e, x_nD in enumerate(x_sorted_ND.split(counts))
                 if x_nD.shape[0] > 0
             ]
