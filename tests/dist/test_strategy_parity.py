@@ -32,6 +32,7 @@ MODELS = {
 RESHARD = ["parallel.plan_mode=predict", "parallel.reshard_every=2", "parallel.overlap_degree=2"]
 NODES = ["parallel=fssdp", "parallel.ranks_per_node=1", "parallel.cost_aware=false",
          "parallel.collective_algorithm=tree_nodes"]  # fmt: skip
+DEALT = ["parallel=fssdp", "parallel.ranks_per_node=2", "parallel.cost_aware=false"]
 # case -> (model, strategy overrides)
 CASES: dict[str, tuple[str, list[str]]] = {
     # Cases that assert planning decisions pin the overlap degree (auto mode measures time).
@@ -80,6 +81,12 @@ CASES: dict[str, tuple[str, list[str]]] = {
         ],
     ),
     "fssdp_all_to_one": ("all_to_one", ["parallel=fssdp", "parallel.rematerialize=true"]),
+    # two ranks per node (two nodes at world 4): exact and calibrate cut with their rooms dealt
+    # over nodes ([Note: rooms dealt over nodes] in fssdp/plan_exact.py)
+    "fssdp_dealt": ("skewed", DEALT),
+    "fssdp_dealt_two_hot": ("two_hot", DEALT),
+    "fssdp_dealt_all_to_one": ("all_to_one", DEALT),
+    "fssdp_calibrate_dealt": ("skewed", [*DEALT, "parallel.plan_mode=calibrate"]),
     # one rank per node: node-local replicas before balancing ([Note: node-local replicas]),
     # moved by the node-relay tree ([Note: node relays])
     "fssdp_nodes": ("skewed", NODES),
@@ -168,6 +175,7 @@ def test_strategies_match_single_process(reference: dict[str, Any], world: int) 
     for name in ("ep_skewed", *(n for n in got if n.startswith("fssdp_no_replicas"))):
         assert all(sum(r) == 0 for r in got[name]["probe"]["placements"].values()), name
     assert any(sum(r) > 0 for r in got["fssdp_nodes"]["probe"]["placements"].values())
+    assert any(sum(r) > 0 for r in got["fssdp_dealt"]["probe"]["placements"].values())
     first = got["fssdp_spread"]["probe"]["owners"]
     moved = got["fssdp_reshard"]["probe"]["owners"]
     assert moved != first, "re-sharding changed no owner"
