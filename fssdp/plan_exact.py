@@ -9,6 +9,7 @@ every rank plans the same placement.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from collectives.placement import Placement, PlannedRows, Topology
 from fssdp.host import add_at, host, host_array
+from fssdp.plan_nodes import cross_node_rows, node_first_rows, node_shortfall
 from fssdp.quotas import holder_rows
 from fssdp.segments import lengths, rank_in_runs
 
@@ -36,8 +38,9 @@ BIG = 1 << 42  # above any row count a bank sees in one step (checked in _check_
 # lam, 3/4 lam, 1/2 lam (keeping less leaves rooms on the over-loaded ranks too, which take the
 # last small pieces that would overflow the others' slots), each with rooms largest first and
 # smallest first (ties: rank id; on more than one node six more, [Note: rooms dealt over
-# nodes]); the candidate with the fewest rows on its busiest rank wins
-# (ties: the first). One pass, no loop: O(W E) for the counts, the rest on B (P + W) entries.
+# nodes] and [Note: grouped rooms] in fssdp/plan_nodes.py); the candidate with the fewest rows
+# on its busiest rank wins (on more than one node, counting rows that leave their node too;
+# ties: the first). One pass, no loop: O(W E) for the counts, the rest on B (P + W) entries.
 # Never worse than the base placement: no rank ends above max(lam, its rows before). Weakest
 # with m = 1 (one slot per rank): a room shared by two pieces can keep only one of them.
 KEEP = (4, 3, 2, 4, 3, 2)  # keep = lam * KEEP[b] // 4
@@ -65,21 +68,41 @@ class Cuts:
 
 KEEP4 = np.array(KEEP, dtype=np.int64)
 ROOM_SIGN = 1 - 2 * np.array(ROOMS_UP, dtype=np.int64)
-# (keep4_B, room_sign_B, dealt_B) on one node, and on more (made once: `cut` runs per bank call)
-NODE_BLIND = (KEEP4, ROOM_SIGN, np.zeros(KEEP4.size, dtype=bool))
-WITH_DEALT = (
-    np.tile(KEEP4, 2), np.tile(ROOM_SIGN, 2), np.repeat(np.array([True, False]), KEEP4.size)
-)
 
 
-def candidates(topology: Topology) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(keep4_B, room_sign_B, dealt_B) of the candidates: on one node the six of [Note: exact
-    mode]; on more, the same six with their rooms dealt over nodes first ([Note: rooms dealt
-    over nodes]; ties of the busiest rank go to them), then the six node-blind ones. With one
-    rank per node a deal is the size order itself, so the six suffice there too."""
+@dataclass(frozen=True)
+class Candidates:
+    """What tells the candidates apart, one entry each (made once: `cut` runs per bank call)."""
+
+    keep4: np.ndarray  # keep = lam * keep4 // 4
+    sign: np.ndarray  # 1: rooms largest first; -1: smallest first
+    dealt: np.ndarray  # rooms dealt over nodes ([Note: rooms dealt over nodes])
+    grouped: np.ndarray  # pieces and rooms node by node ([Note: grouped rooms])
+
+    @staticmethod
+    def of(dealt: bool, grouped: bool) -> Candidates:
+        no = np.zeros(KEEP4.size, dtype=bool)
+        return Candidates(KEEP4, ROOM_SIGN, no | dealt, no | grouped)
+
+    def __add__(self, other: Candidates) -> Candidates:
+        both = zip(vars(self).values(), vars(other).values())
+        return Candidates(*(np.concatenate([a, b]) for a, b in both))
+
+
+NODE_BLIND = Candidates.of(False, False)
+WITH_DEALT = Candidates.of(True, False) + NODE_BLIND
+WITH_GROUPED = Candidates.of(False, True) + Candidates.of(True, False)
+
+
+def candidates(topology: Topology, grouped: bool = False) -> Candidates:
+    """The candidates: on one node the six of [Note: exact mode]; on more, the same six with
+    their rooms dealt over nodes first ([Note: rooms dealt over nodes]), then the six
+    node-blind ones; with `grouped` the six grouped ones ([Note: grouped rooms] in
+    fssdp/plan_nodes.py) take the node-blind ones' place. With one rank per node a deal is the
+    size order itself, so the six suffice there too (and a group is one rank)."""
     if topology.num_nodes == 1 or topology.ranks_per_node == 1:
         return NODE_BLIND
-    return WITH_DEALT
+    return WITH_GROUPED if grouped else WITH_DEALT
 
 
 def _check_rows(counts: np.ndarray, total: int) -> None:
@@ -115,49 +138,68 @@ def _base_consts(base: Placement, B: int) -> tuple[np.ndarray, np.ndarray, np.nd
 # come first and win its ties. On one node nothing changes.
 
 
-def room_order(
-    room_BW: np.ndarray, sign_B: np.ndarray, dealt_B: np.ndarray, topology: Topology
-) -> np.ndarray:
+def room_order(room_BW: np.ndarray, cand: Candidates, topology: Topology) -> np.ndarray:
     """Flat [B W] indices of every candidate's rooms in filling order: by size (largest first
-    where sign_B is 1, smallest first where -1), dealt over nodes where dealt_B ([Note: rooms
-    dealt over nodes])."""
+    where cand.sign is 1, smallest first where -1), dealt over nodes where cand.dealt ([Note:
+    rooms dealt over nodes]), node by node where cand.grouped ([Note: grouped rooms])."""
     B, W = room_BW.shape
-    key_BW = BIG - sign_B[:, None] * room_BW  # in (0, 2 BIG): rooms are below BIG
+    key_BW = BIG - cand.sign[:, None] * room_BW  # in (0, 2 BIG): rooms are below BIG
+    N, R = topology.num_nodes, topology.ranks_per_node
     rounds = 1
-    if dealt_B.any():
-        N, R = topology.num_nodes, topology.ranks_per_node
+    if cand.dealt.any():
         within = np.argsort(key_BW.reshape(B, N, R), axis=2, kind="stable")
         j_BNR = np.empty_like(within)
         np.put_along_axis(j_BNR, within, np.broadcast_to(np.arange(R), within.shape), axis=2)
-        key_BW = (j_BNR.reshape(B, W) * dealt_B[:, None]) * (2 * BIG) + key_BW
+        key_BW = (j_BNR.reshape(B, W) * cand.dealt[:, None]) * (2 * BIG) + key_BW
         rounds = R
+    if cand.grouped.any():
+        node_W = np.arange(W) // R
+        key_BW = (node_W[None, :] * cand.grouped[:, None]) * (2 * BIG) + key_BW
+        rounds = max(rounds, N)
     off_B = np.arange(B, dtype=np.int64)[:, None] * (rounds * 2 * BIG)
     return np.argsort((off_B + key_BW).ravel(), kind="stable")
 
 
-def cut(counts_WE: Tensor, base: Placement, topology: Topology, m: int) -> Cuts:
-    """Every candidate of [Note: exact mode] for counts_WE on top of `base`."""
+def piece_order(shed_BP: np.ndarray, r_s: np.ndarray, cand: Candidates, R: int) -> np.ndarray:
+    """Flat [B P] indices of every candidate's pieces on its line: largest first, node by node
+    of the shedding rank where cand.grouped ([Note: grouped rooms])."""
+    B = shed_BP.shape[0]
+    G = int(r_s.max(initial=0)) // R + 1 if cand.grouped.any() else 1
+    node_BP = (r_s // R)[None, :] * cand.grouped[:, None]
+    key = (np.arange(B, dtype=np.int64)[:, None] * G + node_BP) * (2 * BIG) + BIG - shed_BP
+    return np.argsort(key.ravel(), kind="stable")
+
+
+def cut(
+    counts_WE: Tensor, base: Placement, topology: Topology, m: int, node_first: bool = False
+) -> Cuts:
+    """Every candidate of [Note: exact mode] for counts_WE on top of `base`; with
+    `node_first`, from [Note: node-first rows] and with the grouped candidates (fssdp/
+    plan_nodes.py)."""
     W = base.world_size
     hb = host(base)
     pe, pr = hb.expert_P, hb.rank_P
     P, owner_only = pe.size, base.is_ownership_only()
     counts = host_array(counts_WE)
+    node_first &= not owner_only and topology.num_nodes > 1 and topology.ranks_per_node > 1
     if owner_only:
         q_P = counts.sum(0)
+    elif node_first:
+        q_P = node_first_rows(counts_WE, hb, topology)
     else:
         q_P = holder_rows(counts_WE, base, topology)
     load = add_at(W, pr, q_P)
     total = int(q_P.sum())
     _check_rows(counts, total)
     lam = (total + (W - 1)) // W
-    keep4_B, sign_B, dealt_B = candidates(topology)
-    B = keep4_B.size
+    cand = candidates(topology, node_first)
+    B = cand.keep4.size
     pr_big, ar_BP, ar_BW = _base_consts(base, B)
     order = np.argsort(pr_big - q_P, kind="stable")  # by rank, largest holding first
     q_s, r_s = q_P[order], pr[order]
     lcum = load.cumsum()
     over_s = q_s.cumsum() - (lcum - load)[r_s] - q_s  # my rank's rows before me
-    excess_BW = (load - (lam * keep4_B // 4)[:, None]) * (load > lam)
+    excess_BW = (load - (lam * cand.keep4 // 4)[:, None]) * (load > lam)
     shed_BP = np.maximum(np.minimum(excess_BW[:, r_s] - over_s, q_s), 0)
     shed_W = add_at(B * W, (ar_BW.reshape(B, W)[:, :1] + r_s).ravel(), shed_BP.ravel())
     kept_BW = load - shed_W.reshape(B, W)
@@ -165,9 +207,8 @@ def cut(counts_WE: Tensor, base: Placement, topology: Topology, m: int) -> Cuts:
     free_W = None if owner_only else np.maximum(m - hb.replicas_W, 0)
     if free_W is not None:
         room_BW *= free_W > 0
-    b_off = ((np.arange(B, dtype=np.int64) * 2 + 1) * BIG)[:, None]  # candidates apart
-    piece = np.argsort((b_off - shed_BP).ravel(), kind="stable")  # largest first, per candidate
-    room = room_order(room_BW, sign_B, dealt_B, topology)
+    piece = piece_order(shed_BP, r_s, cand, topology.ranks_per_node)  # per candidate
+    room = room_order(room_BW, cand, topology)
     size = shed_BP.ravel()[piece]
     a_end = size.cumsum()  # candidates end to end; each one's rooms cover its pieces
     tot_B = a_end.reshape(B, P)[:, -1]
@@ -224,9 +265,23 @@ def placement_from(
 
 
 def plan_exact_t(counts_WE: Tensor, base: Placement, topology: Topology, m: int) -> Placement:
-    """[Note: exact mode] on a validated [W, E] count tensor."""
-    cuts = cut(counts_WE, base, topology, m)
-    best = int(np.argmin(cuts.rows_BW.max(1)))  # first of the lowest busiest rank
+    """[Note: exact mode] on a validated [W, E] count tensor: the candidate with the fewest rows
+    on its busiest rank; on more than one node, the fewest rows on its busiest rank plus rows
+    leaving their node per node ([Note: grouped rooms] in fssdp/plan_nodes.py); ties: the
+    first."""
+    cuts = cut(counts_WE, base, topology, m, node_first=True)
+    cost_B = cuts.rows_BW.max(1)
+    N = topology.num_nodes
+    if N > 1 and cost_B.size > 1:
+        moves = (cuts.b_S, cuts.e_S, cuts.u_S, cuts.src_S, cuts.n_S)
+        short_G = node_shortfall(counts_WE, host(base), topology, cuts.base_P)
+        cross = functools.partial(cross_node_rows, short_G, topology, moves)
+        cost_B = cost_B * N
+        first = np.argmin(cost_B, keepdims=True)
+        cost_B[first] += cross(first)  # a bound: no candidate at or above it can win
+        rest = np.flatnonzero(cost_B < cost_B[first])
+        cost_B[rest] += cross(rest)
+    best = int(np.argmin(cost_B))
     return placement_from(cuts, (cuts.b_S == best) & (cuts.n_S > 0), base, counts_WE)
 
 
