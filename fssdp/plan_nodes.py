@@ -45,6 +45,8 @@ from collectives.placement import Topology
 from fssdp.host import HostPlacement, host_array
 from fssdp.segments import excl_cumsum
 
+DENSE_PER_KEY = 4  # cells a dense sum may take per key before sorting the keys is cheaper
+
 
 def rows_by_node(counts_WE: np.ndarray, topology: Topology) -> np.ndarray:
     """c_G: rows each node's ranks route to each expert, at e * N + node."""
@@ -101,8 +103,12 @@ def cross_node_rows(
     sel = (t_S >= 0) & (n_S > 0) & (u_S // R != src_S // R)
     t, e, n = t_S[sel], e_S[sel], n_S[sel]
     keys = np.concatenate([t * G + e * N + u_S[sel] // R, t * G + e * N + src_S[sel] // R])
+    rows = np.concatenate([n, -n])
+    if b_T.size * G <= DENSE_PER_KEY * keys.size:  # dense is cheaper than sorting the keys
+        delta_TG = np.bincount(keys, rows, b_T.size * G).astype(np.int64).reshape(-1, G)
+        return base + (np.maximum(short_G - delta_TG, 0) - np.maximum(short_G, 0)).sum(1)
     uk, inv = np.unique(keys, return_inverse=True)
-    delta = np.bincount(inv, np.concatenate([n, -n]), uk.size).astype(np.int64)
+    delta = np.bincount(inv, rows, uk.size).astype(np.int64)
     s = short_G[uk % G]
     change = np.maximum(s - delta, 0) - np.maximum(s, 0)
     return base + np.bincount(uk // G, change, b_T.size).astype(np.int64)

@@ -16,6 +16,7 @@ import torch
 
 from collectives.placement import Placement, Topology
 from fssdp import plan_exact as pe
+from fssdp import plan_nodes
 from fssdp.assign import assign_tokens, rows_per_rank
 from fssdp.host import host
 from fssdp.plan_local import Locality, node_local_replicas
@@ -77,10 +78,15 @@ def test_node_first_rows_start_each_node_with_its_own_rows(seed: int) -> None:
             assert int(rows_P[sel].max() - rows_P[sel].min()) <= 1
 
 
+@pytest.mark.parametrize("dense", [0, 10**9])
 @pytest.mark.parametrize("seed", range(40))
-def test_cross_estimate_is_the_assignments_for_every_candidate(seed: int) -> None:
+def test_cross_estimate_is_the_assignments_for_every_candidate(
+    seed: int, dense: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`cross_node_rows` of each candidate equals the rows the dispatcher then sends to
-    another node under that candidate's placement (planned rows, fssdp/fill.py)."""
+    another node under that candidate's placement (planned rows, fssdp/fill.py), by sorted
+    keys and by the dense sum alike."""
+    monkeypatch.setattr(plan_nodes, "DENSE_PER_KEY", dense)
     rng = random.Random(1000 + seed)
     counts, base, topo, m = random_base(rng)
     cuts = pe.cut(counts, base, topo, m, node_first=True)
@@ -95,7 +101,7 @@ def test_cross_estimate_is_the_assignments_for_every_candidate(seed: int) -> Non
         assert max(got) == int(cuts.rows_BW[b].max()), b
 
 
-def test_grouped_rooms_send_fewer_rows_across_nodes(monkeypatch) -> None:
+def test_grouped_rooms_send_fewer_rows_across_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Skewed counts, 4 nodes of 8, node-local replicas: the planner with node-first rows,
     grouped rooms and the cost rule (busiest rank * N + rows leaving their node) against the
     one without them (even split of the base, dealt and node-blind rooms, the busiest rank
