@@ -92,7 +92,6 @@ def cross_node_rows(
     `cuts` = (b_S, e_S, u_S, src_S, n_S) of fssdp.plan_exact.Cuts: n_S rows of expert e_S move
     from src_S to u_S in candidate b_S."""
     N, R = topology.num_nodes, topology.ranks_per_node
-    G = short_G.size
     base = int(np.maximum(short_G, 0).sum())
     if not b_T.size:
         return np.zeros(0, dtype=np.int64)
@@ -102,6 +101,13 @@ def cross_node_rows(
     t_S = t_of_b[b_S]
     sel = (t_S >= 0) & (n_S > 0) & (u_S // R != src_S // R)
     t, e, n = t_S[sel], e_S[sel], n_S[sel]
+    if not t.size:  # no cut crosses a node boundary
+        return np.full(b_T.size, base, dtype=np.int64)
+    # only the experts that some crossing cut moves: their groups, renumbered
+    moved_E = np.bincount(e, minlength=short_G.size // N) > 0
+    short_G = short_G.reshape(-1, N)[moved_E].ravel()
+    e = (np.cumsum(moved_E) - 1)[e]
+    G = short_G.size
     keys = np.concatenate([t * G + e * N + u_S[sel] // R, t * G + e * N + src_S[sel] // R])
     rows = np.concatenate([n, -n])
     if b_T.size * G <= DENSE_PER_KEY * keys.size:  # dense is cheaper than sorting the keys
