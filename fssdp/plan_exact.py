@@ -134,8 +134,10 @@ def _base_consts(base: Placement, B: int) -> tuple[np.ndarray, np.ndarray, np.nd
 # them, ties by rank id). Any run of consecutive rooms then spans the nodes evenly (within one),
 # so a piece's copies do too and each node computes about its own rows of the expert. Dealing
 # can cost balance (a big piece meets small rooms and needs more slots than the capped ranks
-# have), so the node-blind candidates stay and the busiest rank still decides; the dealt ones
-# come first and win its ties. On one node nothing changes.
+# have), so the node-blind candidates stay (on an ownership; [Note: grouped rooms] in
+# fssdp/plan_nodes.py for a base with replicas) and the winner is still picked by its busiest
+# rank, with the rows it sends across nodes counted too; the dealt ones come before the
+# node-blind ones and win their ties. On one node nothing changes.
 
 
 def room_order(room_BW: np.ndarray, cand: Candidates, topology: Topology) -> np.ndarray:

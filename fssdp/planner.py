@@ -179,8 +179,10 @@ def plan_exact(
 
     At most m replicas per rank (replicas already in `ownership` count). With `locality` and
     more than one node, the node-local replicas come first ([Note: node-local replicas] in
-    fssdp/plan_local.py; at most min(m - 1, locality.slots) per rank). Never worse in max rows per
-    rank than the placement balancing starts from; carries the rows it planned per holder
+    fssdp/plan_local.py; at most min(m - 1, locality.slots) per rank). The busiest rank ends at
+    most at the mean (rounded up) or the busiest rank of the placement balancing starts from
+    (across nodes, with [Note: node-first rows] in fssdp/plan_nodes.py, where rows leaving
+    their node are weighed with it, [Note: grouped rooms]); carries the rows it planned per holder
     ([Note: planned rows] in fssdp/quotas.py). See [Note: exact mode] in fssdp/plan_exact.py.
     """
     _check_topology("plan_exact", ownership, topology)

@@ -101,6 +101,22 @@ def test_cross_estimate_is_the_assignments_for_every_candidate(
         assert max(got) == int(cuts.rows_BW[b].max()), b
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_busiest_rank_never_above_the_mean_or_the_node_first_start(seed: int) -> None:
+    """Whichever candidate the cost rule picks, its busiest rank is at most the mean (rounded
+    up) or the busiest rank of the node-first rows it starts from, and it keeps the cap."""
+    rng = random.Random(2000 + seed)
+    counts, base, topo, m = random_base(rng)
+    p = pe.plan_exact_t(counts, base, topo, m)
+    hb, W = host(base), counts.shape[0]
+    start = counts.sum(0).numpy() if base.is_ownership_only() else node_first_rows(counts, hb, topo)
+    before = int(np.bincount(hb.rank_P, start, W).max())
+    lam = -(-int(counts.sum()) // W)
+    got = rows_per_rank(counts, assign_tokens(counts, p, topo))
+    assert max(got) <= max(lam, before), (max(got), lam, before)
+    assert (host(p).replicas_W <= np.maximum(m, hb.replicas_W)).all()
+
+
 def test_grouped_rooms_send_fewer_rows_across_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Skewed counts, 4 nodes of 8, node-local replicas: the planner with node-first rows,
     grouped rooms and the cost rule (busiest rank * N + rows leaving their node) against the
