@@ -28,6 +28,11 @@ MODELS = {
     # rows when owners change)
     "skewed_sgd": ["model.route_skew=0.5", "optim=sgd", "optim.impl=foreach"],
     "skewed_fused_adamw": ["model.route_skew=0.5", "optim.impl=fused"],
+    # narrow experts (a copy of 16 hidden units costs less than a node's hot rows), so node-local
+    # replicas are planned and exact mode starts from them ([Note: node-first rows])
+    **{f"{m}_narrow": [*ov, "model.expert_hidden=16"]
+       for m, ov in (("skewed", ["model.route_skew=0.5"]), ("two_hot", ["model.route_skew=3.0"]),
+                     ("all_to_one", ["model.top_k=1", "model.route_skew=60.0"]))},
 }
 RESHARD = ["parallel.plan_mode=predict", "parallel.reshard_every=2", "parallel.overlap_degree=2"]
 NODES = ["parallel=fssdp", "parallel.ranks_per_node=1", "parallel.cost_aware=false",
@@ -87,6 +92,11 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "fssdp_dealt_two_hot": ("two_hot", DEALT),
     "fssdp_dealt_all_to_one": ("all_to_one", DEALT),
     "fssdp_calibrate_dealt": ("skewed", [*DEALT, "parallel.plan_mode=calibrate"]),
+    # and on top of node-local replicas: node-first rows, grouped rooms, the cost rule
+    # ([Note: grouped rooms] in fssdp/plan_nodes.py)
+    "fssdp_grouped": ("skewed_narrow", DEALT),
+    "fssdp_grouped_two_hot": ("two_hot_narrow", DEALT),
+    "fssdp_grouped_all_to_one": ("all_to_one_narrow", DEALT),
     # one rank per node: node-local replicas before balancing ([Note: node-local replicas]),
     # moved by the node-relay tree ([Note: node relays])
     "fssdp_nodes": ("skewed", NODES),
@@ -132,9 +142,24 @@ def _runs_at(world: int) -> dict[str, tuple[str, list[str]]]:
 
 
 def _strategies(rank: int, world: int) -> dict[str, Any]:
+    import fssdp.plan_exact as pe
+
+    node_first = pe.node_first_rows
+    calls = [0]
+
+    def counted(*args: Any) -> Any:  # how often exact mode started from node-first rows
+        calls[0] += 1
+        return node_first(*args)
+
+    pe.node_first_rows = counted
     out = {}
-    for name, (model, ov) in _runs_at(world).items():
-        out[name] = train_capture(rank, world, [*MODELS[model], *ov], STEPS, probe=_probe)
+    try:
+        for name, (model, ov) in _runs_at(world).items():
+            calls[0] = 0
+            out[name] = train_capture(rank, world, [*MODELS[model], *ov], STEPS, probe=_probe)
+            out[name]["node_first_calls"] = calls[0]
+    finally:
+        pe.node_first_rows = node_first
     return out
 
 
@@ -176,6 +201,9 @@ def test_strategies_match_single_process(reference: dict[str, Any], world: int) 
         assert all(sum(r) == 0 for r in got[name]["probe"]["placements"].values()), name
     assert any(sum(r) > 0 for r in got["fssdp_nodes"]["probe"]["placements"].values())
     assert any(sum(r) > 0 for r in got["fssdp_dealt"]["probe"]["placements"].values())
+    grouped = [n for n in got if n.startswith("fssdp_grouped")]
+    for name in grouped if world == 4 else ():  # two nodes of two: node-first rows planned
+        assert got[name]["node_first_calls"] > 0, name
     first = got["fssdp_spread"]["probe"]["owners"]
     moved = got["fssdp_reshard"]["probe"]["owners"]
     assert moved != first, "re-sharding changed no owner"
