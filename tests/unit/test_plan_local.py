@@ -28,6 +28,24 @@ def cross_node_rows(counts: torch.Tensor, p: Placement, topo: Topology) -> int:
     return int((n * (s // R != h // R)).sum())
 
 
+SHAPES = ((4, 2), (6, 3), (8, 2), (8, 4), (12, 4), (16, 8))  # (W, R)
+
+
+def multinode_case(
+    rng: random.Random, shapes: tuple[tuple[int, int], ...] = SHAPES, max_experts: int = 24
+) -> tuple[torch.Tensor, Placement, Topology, int]:
+    """(counts, ownership, topology, m) on more than one node: mixed hot, cold and empty
+    experts, sparse sources, random owners, m 1-3."""
+    W, R = rng.choice(shapes)
+    E = rng.randint(1, max_experts)
+    hot = [rng.choice([0, 1, 5, 20, 100, 400]) for _ in range(E)]
+    counts = torch.tensor(
+        [[rng.randint(0, 3 * h) if rng.random() < 0.8 else 0 for h in hot] for _ in range(W)]
+    )
+    own = Placement.from_owners([rng.randrange(W) for _ in range(E)], W)
+    return counts, own, Topology(W, R), rng.randint(1, 3)
+
+
 def two_node_case() -> tuple[torch.Tensor, Placement, Topology]:
     """W 4 (2 nodes of 2), E 4, experts 0, 1 on node 0; node 1's ranks route mostly to 0."""
     counts = torch.tensor([[10, 2, 1, 1], [10, 2, 1, 1], [40, 2, 1, 1], [40, 2, 1, 1]])
@@ -132,15 +150,8 @@ def test_exact_across_nodes_never_costs_more_than_node_blind(seed: int) -> None:
     node ([Note: grouped rooms]), measured here on the assignment itself. So on an ownership
     that cost is never above the node-blind planner's (the same planner on a one-node
     topology, whose cuts are those six candidates), and the placement keeps the memory cap."""
-    rng = random.Random(100 + seed)
-    W, R = rng.choice([(4, 2), (6, 3), (8, 2), (8, 4), (12, 4), (16, 8)])
-    E = rng.randint(1, 24)
-    hot = [rng.choice([0, 1, 5, 20, 100, 400]) for _ in range(E)]
-    counts = torch.tensor(
-        [[rng.randint(0, 3 * h) if rng.random() < 0.8 else 0 for h in hot] for _ in range(W)]
-    )
-    own = Placement.from_owners([rng.randrange(W) for _ in range(E)], W)
-    topo, m = Topology(W, R), rng.randint(1, 3)
+    counts, own, topo, m = multinode_case(random.Random(100 + seed))
+    W, R = topo.world_size, topo.ranks_per_node
     nodes, blind = plan_exact(counts, own, topo, m), plan_exact(counts, own, Topology(W, W), m)
     check_superset(nodes, own, m)
 

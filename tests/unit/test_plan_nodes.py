@@ -23,13 +23,8 @@ from fssdp.plan_local import Locality, node_local_replicas
 from fssdp.plan_nodes import cross_node_rows, node_first_rows, node_shortfall
 from fssdp.planner import plan_exact
 from fssdp.quotas import holder_rows
-
-
-def crossing(counts: torch.Tensor, p: Placement, topo: Topology) -> int:
-    """Rows the assignment sends to a rank of another node."""
-    s, _, h, n = assign_tokens(counts, p, topo).moves.unbind(1)
-    R = topo.ranks_per_node
-    return int((n * (s // R != h // R)).sum())
+from tests.unit.test_plan_local import cross_node_rows as crossing
+from tests.unit.test_plan_local import multinode_case
 
 
 def skewed(W: int, E: int, seed: int) -> torch.Tensor:
@@ -42,14 +37,8 @@ def skewed(W: int, E: int, seed: int) -> torch.Tensor:
 
 
 def random_base(rng: random.Random) -> tuple[torch.Tensor, Placement, Topology, int]:
-    W, R = rng.choice([(4, 2), (6, 3), (8, 2), (8, 4), (12, 4), (16, 4), (16, 8)])
-    E = rng.randint(1, 20)
-    hot = [rng.choice([0, 1, 5, 20, 100, 400]) for _ in range(E)]
-    counts = torch.tensor(
-        [[rng.randint(0, 3 * h) if rng.random() < 0.8 else 0 for h in hot] for _ in range(W)]
-    )
-    own = Placement.from_owners([rng.randrange(W) for _ in range(E)], W)
-    topo, m = Topology(W, R), rng.randint(1, 3)
+    shapes = ((4, 2), (6, 3), (8, 2), (8, 4), (12, 4), (16, 4), (16, 8))
+    counts, own, topo, m = multinode_case(rng, shapes, max_experts=20)
     if rng.random() < 0.7:  # node-local replicas, as exact mode starts from them
         own = node_local_replicas(counts, own, topo, Locality(rng.choice([1, 4]), 50, m - 1))
     return counts, own, topo, m
