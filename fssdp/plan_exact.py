@@ -18,7 +18,7 @@ from torch import Tensor
 
 from collectives.placement import Placement, PlannedRows, Topology
 from fssdp.host import add_at, host, host_array
-from fssdp.plan_nodes import cross_node_rows, node_first_rows, node_shortfall
+from fssdp.plan_nodes import cross_node_rows, node_first_rows, node_shortfall, rows_by_node
 from fssdp.quotas import holder_rows
 from fssdp.segments import lengths, rank_in_runs
 
@@ -173,21 +173,26 @@ def piece_order(shed_BP: np.ndarray, r_s: np.ndarray, cand: Candidates, R: int) 
 
 
 def cut(
-    counts_WE: Tensor, base: Placement, topology: Topology, m: int, node_first: bool = False
+    counts_WE: Tensor,
+    base: Placement,
+    topology: Topology,
+    m: int,
+    node_rows_G: np.ndarray | None = None,
 ) -> Cuts:
-    """Every candidate of [Note: exact mode] for counts_WE on top of `base`; with
-    `node_first`, from [Note: node-first rows] and with the grouped candidates (fssdp/
-    plan_nodes.py)."""
+    """Every candidate of [Note: exact mode] for counts_WE on top of `base`; given the counts'
+    rows per node (`rows_by_node`), from [Note: node-first rows] and with the grouped
+    candidates (fssdp/plan_nodes.py) where the base has replicas on more than one node."""
     W = base.world_size
     hb = host(base)
     pe, pr = hb.expert_P, hb.rank_P
     P, owner_only = pe.size, base.is_ownership_only()
     counts = host_array(counts_WE)
-    node_first &= not owner_only and topology.num_nodes > 1 and topology.ranks_per_node > 1
+    node_first = node_rows_G is not None and not owner_only
+    node_first &= topology.num_nodes > 1 and topology.ranks_per_node > 1
     if owner_only:
         q_P = counts.sum(0)
     elif node_first:
-        q_P = node_first_rows(counts_WE, hb, topology)
+        q_P = node_first_rows(node_rows_G, hb, topology)
     else:
         q_P = holder_rows(counts_WE, base, topology)
     load = add_at(W, pr, q_P)
@@ -271,12 +276,13 @@ def plan_exact_t(counts_WE: Tensor, base: Placement, topology: Topology, m: int)
     on its busiest rank; on more than one node, the fewest rows on its busiest rank plus rows
     leaving their node per node ([Note: grouped rooms] in fssdp/plan_nodes.py); ties: the
     first."""
-    cuts = cut(counts_WE, base, topology, m, node_first=True)
-    cost_B = cuts.rows_BW.max(1)
     N = topology.num_nodes
-    if N > 1 and cost_B.size > 1:
+    c_G = rows_by_node(host_array(counts_WE), topology) if N > 1 else None
+    cuts = cut(counts_WE, base, topology, m, c_G)
+    cost_B = cuts.rows_BW.max(1)
+    if c_G is not None and cost_B.size > 1:
         moves = (cuts.b_S, cuts.e_S, cuts.u_S, cuts.src_S, cuts.n_S)
-        short_G = node_shortfall(counts_WE, host(base), topology, cuts.base_P)
+        short_G = node_shortfall(c_G, host(base), topology, cuts.base_P)
         cross = functools.partial(cross_node_rows, short_G, topology, moves)
         cost_B = cost_B * N
         first = np.argmin(cost_B, keepdims=True)

@@ -39,10 +39,9 @@ Integer host-array code ([Note: the control plane on the host] in fssdp/host.py)
 from __future__ import annotations
 
 import numpy as np
-from torch import Tensor
 
 from collectives.placement import Topology
-from fssdp.host import HostPlacement, host_array
+from fssdp.host import HostPlacement
 from fssdp.segments import excl_cumsum
 
 DENSE_PER_KEY = 4  # cells a dense sum may take per key before sorting the keys is cheaper
@@ -54,10 +53,10 @@ def rows_by_node(counts_WE: np.ndarray, topology: Topology) -> np.ndarray:
     return counts_WE.reshape(N, R, -1).sum(1).T.ravel()
 
 
-def node_first_rows(counts_WE: Tensor, hp: HostPlacement, topology: Topology) -> np.ndarray:
-    """rows_P of [Note: node-first rows] (pairs sorted by expert, then rank)."""
+def node_first_rows(c_G: np.ndarray, hp: HostPlacement, topology: Topology) -> np.ndarray:
+    """rows_P of [Note: node-first rows] (pairs sorted by expert, then rank) for the rows per
+    node and expert c_G (`rows_by_node`)."""
     E, N, R = hp.num_experts, topology.num_nodes, topology.ranks_per_node
-    c_G = rows_by_node(host_array(counts_WE), topology)
     g_P = hp.expert_P * N + hp.rank_P // R  # sorted: pairs are by expert, then rank
     k_G = np.bincount(g_P, minlength=E * N)
     held_G = k_G > 0
@@ -70,12 +69,11 @@ def node_first_rows(counts_WE: Tensor, hp: HostPlacement, topology: Topology) ->
 
 
 def node_shortfall(
-    counts_WE: Tensor, hp: HostPlacement, topology: Topology, base_rows_P: np.ndarray
+    c_G: np.ndarray, hp: HostPlacement, topology: Topology, base_rows_P: np.ndarray
 ) -> np.ndarray:
-    """short_G: per (expert, node), the node's rows above its holders' rows when the base
-    pairs compute base_rows_P (> 0: rows that must leave the node)."""
+    """short_G: per (expert, node), the node's rows c_G (`rows_by_node`) above its holders'
+    rows when the base pairs compute base_rows_P (> 0: rows that must leave the node)."""
     E, N, R = hp.num_experts, topology.num_nodes, topology.ranks_per_node
-    c_G = rows_by_node(host_array(counts_WE), topology)
     q_G = np.bincount(hp.expert_P * N + hp.rank_P // R, base_rows_P, E * N)
     return c_G - q_G.astype(np.int64)
 

@@ -20,7 +20,7 @@ from fssdp import plan_nodes
 from fssdp.assign import assign_tokens, rows_per_rank
 from fssdp.host import host
 from fssdp.plan_local import Locality, node_local_replicas
-from fssdp.plan_nodes import cross_node_rows, node_first_rows, node_shortfall
+from fssdp.plan_nodes import cross_node_rows, node_first_rows, node_shortfall, rows_by_node
 from fssdp.planner import plan_exact
 from fssdp.quotas import holder_rows
 from tests.unit.test_plan_local import cross_node_rows as crossing
@@ -51,7 +51,7 @@ def test_node_first_rows_start_each_node_with_its_own_rows(seed: int) -> None:
     rng = random.Random(seed)
     counts, base, topo, _ = random_base(rng)
     hp = host(base)
-    rows_P = node_first_rows(counts, hp, topo)
+    rows_P = node_first_rows(rows_by_node(counts.numpy(), topo), hp, topo)
     W, E = counts.shape
     N, R = topo.num_nodes, topo.ranks_per_node
     assert (rows_P >= 0).all()
@@ -78,10 +78,10 @@ def test_cross_estimate_is_the_assignments_for_every_candidate(
     monkeypatch.setattr(plan_nodes, "DENSE_PER_KEY", dense)
     rng = random.Random(1000 + seed)
     counts, base, topo, m = random_base(rng)
-    cuts = pe.cut(counts, base, topo, m, node_first=True)
+    cuts = pe.cut(counts, base, topo, m, rows_by_node(counts.numpy(), topo))
     B = cuts.rows_BW.shape[0]
     moves = (cuts.b_S, cuts.e_S, cuts.u_S, cuts.src_S, cuts.n_S)
-    short_G = node_shortfall(counts, host(base), topo, cuts.base_P)
+    short_G = node_shortfall(rows_by_node(counts.numpy(), topo), host(base), topo, cuts.base_P)
     est = cross_node_rows(short_G, topo, moves, np.arange(B))
     for b in range(B):
         p = pe.placement_from(cuts, (cuts.b_S == b) & (cuts.n_S > 0), base, counts)
@@ -98,7 +98,8 @@ def test_busiest_rank_never_above_the_mean_or_the_node_first_start(seed: int) ->
     counts, base, topo, m = random_base(rng)
     p = pe.plan_exact_t(counts, base, topo, m)
     hb, W = host(base), counts.shape[0]
-    start = counts.sum(0).numpy() if base.is_ownership_only() else node_first_rows(counts, hb, topo)
+    c_G = rows_by_node(counts.numpy(), topo)
+    start = counts.sum(0).numpy() if base.is_ownership_only() else node_first_rows(c_G, hb, topo)
     before = int(np.bincount(hb.rank_P, start, W).max())
     lam = -(-int(counts.sum()) // W)
     got = rows_per_rank(counts, assign_tokens(counts, p, topo))
@@ -129,7 +130,8 @@ def test_grouped_rooms_send_fewer_rows_across_nodes(monkeypatch: pytest.MonkeyPa
         base = node_local_replicas(counts, own, topo, loc)
         with monkeypatch.context() as mp:
             mp.setattr(pe, "WITH_GROUPED", pe.WITH_DEALT)
-            mp.setattr(pe, "node_first_rows", lambda c, hb, t, b=base: holder_rows(c, b, t))
+            even = lambda _, hb, t, b=base, k=counts: holder_rows(k, b, t)  # noqa: E731
+            mp.setattr(pe, "node_first_rows", even)
             mp.setattr(pe, "cross_node_rows", lambda *a: np.zeros(a[-1].size, dtype=np.int64))
             old = plan_exact(counts, own, topo, 2, loc)
         new_cost.append(cost(counts, new))
