@@ -162,12 +162,14 @@ def room_order(room_BW: np.ndarray, cand: Candidates, topology: Topology) -> np.
     return np.argsort((off_B + key_BW).ravel(), kind="stable")
 
 
-def piece_order(shed_BP: np.ndarray, r_s: np.ndarray, cand: Candidates, R: int) -> np.ndarray:
+def piece_order(
+    shed_BP: np.ndarray, r_s: np.ndarray, cand: Candidates, topology: Topology
+) -> np.ndarray:
     """Flat [B P] indices of every candidate's pieces on its line: largest first, node by node
     of the shedding rank where cand.grouped ([Note: grouped rooms])."""
     B = shed_BP.shape[0]
-    G = int(r_s.max(initial=0)) // R + 1 if cand.grouped.any() else 1
-    node_BP = (r_s // R)[None, :] * cand.grouped[:, None]
+    G = topology.num_nodes if cand.grouped.any() else 1
+    node_BP = (r_s // topology.ranks_per_node)[None, :] * cand.grouped[:, None]
     key = (np.arange(B, dtype=np.int64)[:, None] * G + node_BP) * (2 * BIG) + BIG - shed_BP
     return np.argsort(key.ravel(), kind="stable")
 
@@ -214,7 +216,7 @@ def cut(
     free_W = None if owner_only else np.maximum(m - hb.replicas_W, 0)
     if free_W is not None:
         room_BW *= free_W > 0
-    piece = piece_order(shed_BP, r_s, cand, topology.ranks_per_node)  # per candidate
+    piece = piece_order(shed_BP, r_s, cand, topology)  # per candidate
     room = room_order(room_BW, cand, topology)
     size = shed_BP.ravel()[piece]
     a_end = size.cumsum()  # candidates end to end; each one's rooms cover its pieces
