@@ -19,9 +19,10 @@ from __future__ import annotations
 from functools import cached_property
 
 import numpy as np
+import torch
 from torch import Tensor
 
-from collectives.placement import Placement
+from collectives.placement import Placement, PlannedRows
 
 
 def host_array(x: Tensor) -> np.ndarray:
@@ -34,6 +35,16 @@ def add_at(n: int, index: np.ndarray, values: np.ndarray) -> np.ndarray:
     out = np.zeros(n, dtype=np.int64)
     np.add.at(out, index, values)
     return out
+
+
+def from_cells(
+    base: Placement, cell_P: np.ndarray, planned: PlannedRows | None = None
+) -> Placement:
+    """The placement with `base`'s owners and the holder pairs of the sorted, unique cells
+    cell_P (e * W + r; a planner's own, so not validated), its tensors on base's device."""
+    W, dev = base.world_size, base.owner_E.device
+    t = lambda a: torch.from_numpy(a).to(dev)  # noqa: E731
+    return Placement._trusted(base.owner_E, t(cell_P // W), t(cell_P % W), W, planned, t(cell_P))
 
 
 class HostPlacement:

@@ -30,11 +30,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from collectives.placement import Placement, Topology
-from fssdp.host import host, host_array
+from fssdp.host import from_cells, host, host_array
 from fssdp.quotas import holder_rows, load_W
 
 
@@ -78,4 +77,5 @@ def node_local_replicas(
     by_load_NR = np.argsort(rows_W.reshape(N, R), axis=1, kind="stable")  # least loaded first
     n_K, j_K = np.nonzero(take_NK)
     rank_K = n_K * R + by_load_NR[n_K, j_K % R]
-    return base.with_pairs(torch.from_numpy(order_NE[take_NK]), torch.from_numpy(rank_K))
+    # new pairs only (held ones were never taken), in range: sorted cells, no validation
+    return from_cells(base, np.sort(np.concatenate([hb.cell_P, order_NE[take_NK] * W + rank_K])))
