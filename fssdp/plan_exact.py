@@ -17,8 +17,14 @@ import torch
 from torch import Tensor
 
 from collectives.placement import Placement, PlannedRows, Topology
-from fssdp.host import add_at, host, host_array
-from fssdp.plan_nodes import cross_node_rows, node_first_rows, node_shortfall, rows_by_node
+from fssdp.host import add_at, from_cells, host, host_array
+from fssdp.plan_nodes import (
+    DENSE_PER_KEY,
+    cross_node_rows,
+    node_first_rows,
+    node_shortfall,
+    rows_by_node,
+)
 from fssdp.quotas import holder_rows
 from fssdp.segments import lengths, rank_in_runs
 
@@ -150,8 +156,7 @@ def room_order(room_BW: np.ndarray, cand: Candidates, topology: Topology) -> np.
     rounds = 1
     if cand.dealt.any():
         within = np.argsort(key_BW.reshape(B, N, R), axis=2, kind="stable")
-        j_BNR = np.empty_like(within)
-        np.put_along_axis(j_BNR, within, np.broadcast_to(np.arange(R), within.shape), axis=2)
+        j_BNR = np.argsort(within, axis=2)  # each room's place in its node (the inverse)
         key_BW = (j_BNR.reshape(B, W) * cand.dealt[:, None]) * (2 * BIG) + key_BW
         rounds = R
     if cand.grouped.any():
@@ -267,10 +272,7 @@ def placement_from(
     else:  # a cut may land on a holder, or two shedders' pieces on one rank
         key_P, inv = np.unique(key, return_inverse=True)
         rows_P = add_at(key_P.size, inv, rows)
-    dev = counts_WE.device
-    t = lambda a: torch.from_numpy(a).to(dev)  # noqa: E731
-    planned = PlannedRows(counts_WE, torch.from_numpy(rows_P))  # host rows
-    return Placement._trusted(base.owner_E, t(key_P // W), t(key_P % W), W, planned, t(key_P))
+    return from_cells(base, key_P, PlannedRows(counts_WE, torch.from_numpy(rows_P)))
 
 
 def plan_exact_t(counts_WE: Tensor, base: Placement, topology: Topology, m: int) -> Placement:
@@ -287,10 +289,16 @@ def plan_exact_t(counts_WE: Tensor, base: Placement, topology: Topology, m: int)
         short_G = node_shortfall(c_G, host(base), topology, cuts.base_P)
         cross = functools.partial(cross_node_rows, short_G, topology, moves)
         cost_B = cost_B * N
-        first = np.argmin(cost_B, keepdims=True)
-        cost_B[first] += cross(first)  # a bound: no candidate at or above it can win
-        rest = np.flatnonzero(cost_B < cost_B[first])
-        cost_B[rest] += cross(rest)
+        if cost_B.size * short_G.size <= DENSE_PER_KEY * 2 * cuts.n_S.size:
+            cost_B += cross(np.arange(cost_B.size))  # one dense pass over all is cheapest
+        else:  # a bound: a candidate whose busiest rank alone is above it cannot win
+            first = int(np.argmin(cost_B))
+            bound = cost_B[first] + int(cross(np.array([first]))[0])
+            rest = np.flatnonzero(cost_B <= bound)
+            rest = rest[rest != first]
+            cost_B[rest] += cross(rest)
+            cost_B[first] = bound
+            cost_B[cost_B > bound] = BIG * N  # never evaluated, never the winner
     best = int(np.argmin(cost_B))
     return placement_from(cuts, (cuts.b_S == best) & (cuts.n_S > 0), base, counts_WE)
 

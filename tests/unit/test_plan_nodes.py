@@ -23,6 +23,8 @@ from fssdp.plan_local import Locality, node_local_replicas
 from fssdp.plan_nodes import cross_node_rows, node_first_rows, node_shortfall, rows_by_node
 from fssdp.planner import plan_exact
 from fssdp.quotas import holder_rows
+from fssdp.sharding import balanced_uniform_sharding
+from perf.bench_planner_cases import zipf_counts
 from tests.unit.test_plan_local import cross_node_rows as crossing
 from tests.unit.test_plan_local import multinode_case
 
@@ -88,6 +90,36 @@ def test_cross_estimate_is_the_assignments_for_every_candidate(
         assert int(est[b]) == crossing(counts, p, topo), b
         got = rows_per_rank(counts, assign_tokens(counts, p, topo))
         assert max(got) == int(cuts.rows_BW[b].max()), b
+
+
+@pytest.mark.parametrize("dense", [0, 10**9])
+@pytest.mark.parametrize("seed", range(60))
+def test_the_winner_is_the_cheapest_candidate_on_either_path(
+    seed: int, dense: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`plan_exact_t` picks the first candidate of least busiest rank * N + rows leaving
+    their node, over all candidates, whether it prices every candidate in one pass or only
+    those under the first one's bound (`dense` forces either). (The bound once skipped the
+    candidates tied with it, which could then win the tie on their busiest rank alone.)"""
+    monkeypatch.setattr(pe, "DENSE_PER_KEY", dense)
+    if seed < 2:  # two Zipf-2 cases on 2 nodes of 2 where that tie happened
+        counts, topo, m = zipf_counts(4, 8, 2.0, 3 * seed), Topology(4, 2), 3
+        own = Placement.from_owners(balanced_uniform_sharding({"b": 8}, topo)["b"], 4)
+        base = node_local_replicas(counts, own, topo, Locality(64, 20000, 2))
+    else:
+        counts, base, topo, m = random_base(random.Random(3000 + seed))
+    c_G = rows_by_node(counts.numpy(), topo)
+    cuts = pe.cut(counts, base, topo, m, c_G)
+    B, N = cuts.rows_BW.shape[0], topo.num_nodes
+    moves = (cuts.b_S, cuts.e_S, cuts.u_S, cuts.src_S, cuts.n_S)
+    short_G = node_shortfall(c_G, host(base), topo, cuts.base_P)
+    full_B = cuts.rows_BW.max(1) * N + cross_node_rows(short_G, topo, moves, np.arange(B))
+    best = int(np.argmin(full_B))
+    want = pe.placement_from(cuts, (cuts.b_S == best) & (cuts.n_S > 0), base, counts)
+    got = pe.plan_exact_t(counts, base, topo, m)
+    assert got.pairs_P()[0].tolist() == want.pairs_P()[0].tolist()
+    assert got.pairs_P()[1].tolist() == want.pairs_P()[1].tolist()
+    assert got.planned.rows_P.tolist() == want.planned.rows_P.tolist()
 
 
 @pytest.mark.parametrize("seed", range(40))
