@@ -85,10 +85,12 @@ def exchange_compute(
     route: Route,
     compute: Compute,
     recompute: bool = False,
+    before_compute: Callable[[], None] | None = None,
 ) -> Tensor:
     """y_NO for the rows x_ND of experts expert_N, computed where `route` says. `recompute`:
     activation checkpointing's second forward (its exchanges are counted once more, its
-    backward is the first forward's)."""
+    backward is the first forward's). `before_compute` runs between the dispatch all-to-all
+    and the expert compute, outside the expert timer (FSSDP waits for its replicas there)."""
     ph = ex.phases
     tok = ph.begin("dispatch")
     send_idx_N, send_counts = route.send_order(expert_N, ex.rank)
@@ -104,6 +106,8 @@ def exchange_compute(
         timeout_s=ex.timeout_s,
     )
     ph.end(tok)
+    if before_compute is not None:
+        before_compute()
     tok = ph.begin("expert")
     t0 = time.perf_counter()
     y_MO = compute(x_MD, experts_M)

@@ -27,6 +27,18 @@ path exactly: the static route (every row to its owner) instead of the assignmen
 parameters' compute with no replica leaf, no tie to it and no gradient hook, so the step costs
 what EP's does plus the gate's O(W E) test at the first call.
 
+[Note: the gather overlaps the dispatch]
+Exact mode plans after routing, so its spAG is on the critical path. The first call of a step
+issues it (async, sparse group) and does not wait: the assignment (host work) and the token
+all-to-all (dispatch group) run while the copies travel, and the call waits for its replicas
+only between the dispatch and the expert compute (`exchange_compute`'s `before_compute`, on
+every rank: each rank computes once per call, even with no rows). An `a2a` spAG then overlaps
+entirely; a tree overlaps its first round, since a relay forwards only what it has received and
+the later rounds run inside the wait ([Note: tree and async_op] in
+collectives/algorithms/tree.py). The owners' rows and the count matrix are the same as before,
+so the placement, the assignment and every row's result are unchanged; only the order of the
+host's work and the two groups' collectives moved.
+
 [Note: three process groups]
 Collectives must be issued in the same order on every rank within a group. Three sources issue
 them, each in an order fixed by the model's structure, but their interleaving is not: it depends
@@ -45,6 +57,7 @@ dispatch all-to-all crossed on two ranks and the job hung until the timeout name
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -123,8 +136,10 @@ class FSSDPExecutor:
         with self.ex.phases.phase("spag"):
             self.replicas.gather(self.policy.ownership, planned)
 
-    def _materialize(self, counts_WE: Tensor, device: torch.device) -> Tensor:
-        """The [R, S] replicas of this step, planning and gathering them if needed."""
+    def _materialize(self, counts_WE: Tensor, device: torch.device) -> Tensor | None:
+        """The [R, S] replicas of this step, planning and gathering them if needed; None when
+        this call issued their spAG and waits for it later ([Note: the gather overlaps the
+        dispatch])."""
         rep, ph = self.replicas, self.ex.phases
         if self.step_counts_WE is not None:  # accumulation: plan the step, not the call
             counts_WE = self.step_counts_WE
@@ -133,7 +148,9 @@ class FSSDPExecutor:
                 planned = self.policy.after_routing(counts_WE, None)
             with ph.phase("spag"):
                 rep.gather(self.policy.ownership, planned)
-                return rep.wait(device, training=True)
+                if not rep.transfers:  # nothing in flight anywhere
+                    return rep.wait(device, training=True)
+            return None  # [Note: the gather overlaps the dispatch]
         if rep.state is not ReplicaState.GATHERING:
             with ph.phase("spag"):
                 return rep.wait(device, training=True)  # a later call of this step
@@ -171,8 +188,15 @@ class FSSDPExecutor:
         assert placement is not None
         with ex.phases.phase("dispatch"):
             route = assign_tokens(counts_WE, placement, self.policy.topology)
-        compute = self._compute_fn(bank, placement, rows_RS)
-        y_ND = exchange_compute(ex, x_ND, expert_N, route, compute)
+        held = {"rows": rows_RS}
+
+        def ready() -> None:  # after the dispatch all-to-all, before the expert compute
+            if held["rows"] is None:
+                with ex.phases.phase("spag"):
+                    held["rows"] = self.replicas.wait(x_ND.device, training=True)
+
+        compute = self._compute_fn(bank, placement, x_ND.device, lambda: held["rows"])
+        y_ND = exchange_compute(ex, x_ND, expert_N, route, compute, before_compute=ready)
         if self.rematerialize:
             self.replicas.free()
             y_ND.register_hook(self._before_backward)
@@ -192,7 +216,7 @@ class FSSDPExecutor:
         else:
             with self.ex.phases.phase("dispatch"):
                 route = assign_tokens(counts_WE, placement, self.policy.topology)
-            compute = self._compute_fn(bank, placement, rows_RS)
+            compute = self._compute_fn(bank, placement, x_ND.device, lambda: rows_RS)
         return exchange_compute(self.ex, x_ND, expert_N, route, compute, recompute=True)
 
     def _call_static(
@@ -220,17 +244,25 @@ class FSSDPExecutor:
 
         return compute
 
-    def _compute_fn(self, bank: ExpertBank, placement: Placement, rows_RS: Tensor):  # noqa: ANN202
-        """compute(x_MD, expert_M): owned experts with the parameters, the rest with replicas."""
-        dev = rows_RS.device
+    def _compute_fn(  # noqa: ANN202
+        self,
+        bank: ExpertBank,
+        placement: Placement,
+        dev: torch.device,
+        replicas: Callable[[], Tensor | None],
+    ):
+        """compute(x_MD, expert_M): owned experts with the parameters, the rest with replicas
+        (`replicas()`: the [R, S] rows, there by the time compute runs)."""
         K = len(bank.expert_ids or ())
         lut_E = local_index(bank.expert_ids or (), bank.num_experts, dev)
         if not self.replicas.ids:  # no replica here this step: every row is an owned expert's
-            return self._owned_only_fn(bank, lut_E, rows_RS)
+            return self._owned_only_fn(bank, lut_E, replicas)
         rep_E = local_index(tuple(self.replicas.ids), bank.num_experts, dev)
         key_E = torch.where(lut_E >= 0, lut_E, K + rep_E)  # owned first, then replicas
 
         def compute(x_MD: Tensor, expert_M: Tensor) -> Tensor:
+            rows_RS = replicas()
+            assert rows_RS is not None
             own_w = weights(bank.stacked(), self.compute_dtype)
             rep_w = self.replicas.layout.views(rows_RS)
             x_MD = rows(x_MD, self.compute_dtype)
@@ -239,13 +271,17 @@ class FSSDPExecutor:
 
         return compute
 
-    def _owned_only_fn(self, bank: ExpertBank, lut_E: Tensor, rows_RS: Tensor):  # noqa: ANN202
+    def _owned_only_fn(  # noqa: ANN202
+        self, bank: ExpertBank, lut_E: Tensor, replicas: Callable[[], Tensor | None]
+    ):
         """compute(x_MD, expert_M) of a rank that holds no replica: EP's compute (no split into
         owned and replica rows, no permutation and its inverse), tied to the empty replica leaf
         so that its gradient hook still starts the step's (empty) reduce."""
         owned = self._owned_compute(bank, lut_E)
 
         def compute(x_MD: Tensor, expert_M: Tensor) -> Tensor:
+            rows_RS = replicas()
+            assert rows_RS is not None
             y_MO = owned(x_MD, expert_M)
             return Tie.apply(y_MO, rows_RS) if rows_RS.requires_grad else y_MO
 
