@@ -41,7 +41,7 @@ from fssdp.planner import LoadEstimator, calibrate, overlap_degree, plan_exact, 
 from fssdp.sharding import balanced_uniform_sharding
 from perf.cost_model import Cluster, Workload, attn_fwd_s, even_sources, expert_s
 from perf.sim_layer import LayerCost, a2a_cost, layer_cost
-from perf.sim_spag import spag_s
+from perf.sim_spag import spag_exposed_s
 
 # [Note: costed degree]
 # A proposed replacement of the runtime's overlap-degree rule (t = copies that fit behind the
@@ -137,6 +137,7 @@ class FSSDPSim:
         t0 = time.thread_time()  # [Note: planner time on the critical path]
         p1 = self._placement(own, est, src)
         p2 = self._calibrated(p1, src) if self.mode == "calibrate" else p1
+        t1 = time.thread_time()
         plan = assign_tokens(src, p2, self.topo)
         rows = plan.rows_per_rank().tolist()
         plan.send_counts(0), plan.recv_counts(0), plan.received_experts(0)
@@ -144,8 +145,11 @@ class FSSDPSim:
         est.update(rows_E)
         cost = layer_cost(self.w, self.c, rows, a2a_cost(src, plan, self.w, self.c))
         cost.plan_s = plan_s
+        hide = self._hide_fwd_s()
+        if self.mode == "exact":  # [Note: the gather overlaps the dispatch] (fssdp/executor.py)
+            hide = (plan_s - (t1 - t0)) + cost.a2a_s / 4  # the assignment, the dispatch
         if p2 is p1:
-            self._materialize(cost, own, p1, self._hide_fwd_s())
+            self._materialize(cost, own, p1, hide)
         else:  # calibration: the pairs p1 lacks gathered after routing, not hidden; p2's
             # gradients reduced (p2 may drop some of p1's replicas, Replicas.extend)
             self._materialize(cost, own, p1, self._hide_fwd_s(), ("spag",))
@@ -179,8 +183,8 @@ class FSSDPSim:
         if not copies:
             return
         per_copy = {"spag": w.expert_params * w.param_bytes, "sprs": w.expert_params * w.grad_bytes}
-        times = spag_s(base, p, c, *(per_copy[k] for k in what))
         hides = {"spag": hide, "sprs": 2 * attn_fwd_s(w, c)}
-        for k, t in zip(what, times):
-            cost.exposed_s += max(0.0, t - hides[k])
+        jobs = [(per_copy[k], hides[k]) for k in what]
+        for k, t in zip(what, spag_exposed_s(base, p, c, jobs)):
+            cost.exposed_s += t
             cost.bytes[k] = cost.bytes.get(k, 0.0) + copies * per_copy[k]

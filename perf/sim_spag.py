@@ -18,6 +18,14 @@ choice is an upper bound on how well `auto` chooses. The spRS runs the same sche
 backwards: the same links carry the gradients, so its time is the same formula in gradient
 bytes.
 
+[Note: overlapped rounds]
+A sparse collective issued behind other work overlaps that work with its first round only:
+a relay forwards what it has received, so the runtime runs a schedule's later rounds inside
+the wait ([Note: tree and async_op] in collectives/algorithms/tree.py). So a spAG issued `hide`
+seconds before it is needed exposes its later rounds and what of its first exceeds `hide`
+(`spag_exposed_s`); `a2a`, one round, can hide entirely. The same holds for the spRS behind the
+backward. (Before stop 34 the whole schedule was taken to hide, which a tree does not.)
+
 FasterMoE's shadows are broadcast by NCCL to every rank, a pipelined ring: every device link
 and every NIC carries each shadowed expert about once (`broadcast_s`).
 """
@@ -33,14 +41,19 @@ from perf.cost_model import Cluster
 
 def rounds_s(sched: Schedule, nbytes: float, c: Cluster) -> float:
     """Time of `sched` with `nbytes` per transfer, per the module's rule."""
+    return sum(round_times_s(sched, nbytes, c))
+
+
+def round_times_s(sched: Schedule, nbytes: float, c: Cluster) -> list[float]:
+    """Each round's time of `sched` with `nbytes` per transfer ([] when it moves nothing)."""
     if not sched.num_transfers:
-        return 0.0
+        return []
     x = sched.xfer_M3
     src, dst = x[:, 1], x[:, 2]
     rnd = sched.round_M
     R = len(sched)
     same = (src // c.per_node) == (dst // c.per_node)
-    t = 0.0
+    out_s = []
     for k in range(R):
         sel = rnd == k
         intra = sel & same
@@ -54,8 +67,8 @@ def rounds_s(sched: Schedule, nbytes: float, c: Cluster) -> float:
             out = np.bincount(src[inter] // c.per_node, minlength=c.nodes).max()
             inn = np.bincount(dst[inter] // c.per_node, minlength=c.nodes).max()
             busiest = max(busiest, max(out, inn) * nbytes / c.inter_bw)
-        t += busiest + c.latency_s
-    return t
+        out_s.append(busiest + c.latency_s)
+    return out_s
 
 
 def spag_s(base: Placement, p: Placement, c: Cluster, *nbytes: float) -> list[float]:
@@ -67,6 +80,27 @@ def spag_s(base: Placement, p: Placement, c: Cluster, *nbytes: float) -> list[fl
     topo = Topology(c.world, c.per_node)
     scheds = (direct_from(d), tree_from(d, topo), tree_nodes_from(d, topo))
     return [min(rounds_s(s, n, c) for s in scheds) for n in nbytes]
+
+
+def spag_exposed_s(
+    base: Placement, p: Placement, c: Cluster, jobs: list[tuple[float, float]]
+) -> list[float]:
+    """Exposed time of the spAG base -> p (or its spRS, same schedule) for each (bytes per
+    copy, seconds of work it is issued behind), per [Note: overlapped rounds]; the schedule
+    with the least exposed time, built once."""
+    d = Diff.of(base, p)
+    if not d.expert_N.size:
+        return [0.0] * len(jobs)
+    topo = Topology(c.world, c.per_node)
+    scheds = (direct_from(d), tree_from(d, topo), tree_nodes_from(d, topo))
+    out = []
+    for nbytes, hide_s in jobs:
+        best = float("inf")
+        for s in scheds:
+            times = round_times_s(s, nbytes, c)
+            best = min(best, sum(times[1:]) + max(0.0, times[0] - hide_s))
+        out.append(best)
+    return out
 
 
 def broadcast_s(k: int, c: Cluster, nbytes: float) -> float:
