@@ -9,7 +9,10 @@ rank's rows (collectives/rows.py) and issue.
 
 Return convention: with async_op=False both functions return `(tensor, CommStats)`; with
 async_op=True a `SparseHandle` whose `.wait()` returns the tensor and whose `.stats` holds the
-CommStats (known at issue time, since the schedule is a function of the placements).
+CommStats (known at issue time, since the schedule is a function of the placements). Either way
+the rounds run on the group's worker thread ([Note: rounds in the background] in
+collectives/progress.py), so an async call progresses through all its rounds while the caller
+works.
 
 # [Note: NCCL]
 Only tensors' own devices are used, so CUDA tensors on an NCCL group take the same paths. Not
@@ -28,6 +31,7 @@ import torch.distributed as dist
 from collectives.algorithms.base import Algorithm, build_all, cheapest
 from collectives.comm import Call, CommStats
 from collectives.placement import Placement, Topology
+from collectives.progress import Job, submit
 from collectives.rows import GatherRows, ReduceRows, RowSource, check_rows, output, put
 from collectives.schedule import DEFAULT_COST, CostModel, check_gather, check_reduce
 
@@ -76,11 +80,9 @@ def _resolve(
     return cheapest(build_all(small, big, algorithm, topology), row_bytes, cost_model)
 
 
-def _result(
-    finish: Callable[[], None], out: torch.Tensor, stats: CommStats, async_op: bool
-) -> Result:
+def _result(job: Job, out: torch.Tensor, stats: CommStats, async_op: bool) -> Result:
     def done() -> torch.Tensor:
-        finish()
+        job.wait()
         return out
 
     return SparseHandle(done, stats) if async_op else (done(), stats)
@@ -145,8 +147,8 @@ def sparse_all_gather(
     if not new_only:  # rows already held are part of the output
         put(out_XS, [out_row[e] for e in own_ids], own_XS)
     rows = GatherRows(out_XS, out_row, own_XS, {e: i for i, e in enumerate(own_ids)})
-    finish = algo.issue_gather(call, rows)
-    return _result(finish, out_XS, algo.stats(call.rank, row_bytes, reduce=False), async_op)
+    job = submit(call.group, call.world, lambda: algo.issue_gather(call, rows)())
+    return _result(job, out_XS, algo.stats(call.rank, row_bytes, reduce=False), async_op)
 
 
 def _call_source(source: RowSource, ids: list[int], like: torch.Tensor, call: Call) -> torch.Tensor:
@@ -222,5 +224,5 @@ def sparse_reduce_scatter(
     row_bytes = x_FS.shape[1] * x_FS.element_size()
     algo = _resolve(algorithm, placement_to, placement_from, row_bytes, cost_model, topology)
     rows = ReduceRows(x_FS, {e: i for i, e in enumerate(in_ids)}, out_OS, owned, accumulate)
-    finish = algo.issue_reduce(call, rows)
-    return _result(finish, out_OS, algo.stats(call.rank, row_bytes, reduce=True), async_op)
+    job = submit(call.group, call.world, lambda: algo.issue_reduce(call, rows)())
+    return _result(job, out_OS, algo.stats(call.rank, row_bytes, reduce=True), async_op)

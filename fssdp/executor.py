@@ -32,12 +32,11 @@ Exact mode plans after routing, so its spAG is on the critical path. The first c
 issues it (async, sparse group) and does not wait: the assignment (host work) and the token
 all-to-all (dispatch group) run while the copies travel, and the call waits for its replicas
 only between the dispatch and the expert compute (`exchange_compute`'s `before_compute`, on
-every rank: each rank computes once per call, even with no rows). An `a2a` spAG then overlaps
-entirely; a tree overlaps its first round, since a relay forwards only what it has received and
-the later rounds run inside the wait ([Note: tree and async_op] in
-collectives/algorithms/tree.py). The owners' rows and the count matrix are the same as before,
-so the placement, the assignment and every row's result are unchanged; only the order of the
-host's work and the two groups' collectives moved.
+every rank: each rank computes once per call, even with no rows). Its rounds run on the
+sparse group's worker thread meanwhile, a tree's relays included ([Note: rounds in the
+background] in collectives/progress.py). The owners' rows and the count matrix are the same as
+before, so the placement, the assignment and every row's result are unchanged; only the order
+of the host's work and the two groups' collectives moved.
 
 [Note: three process groups]
 Collectives must be issued in the same order on every rank within a group. Three sources issue

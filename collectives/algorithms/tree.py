@@ -5,9 +5,10 @@ holds a copy, is not the owner, and receives partial sums to pass on). The sched
 rounds are in collectives/schedule.py ([Note: binomial relay]).
 
 # [Note: tree and async_op]
-Round 0 only sends what owners already have, so it is issued at call time; a relay may forward
-only what it has received, so later rounds run inside wait(), each after the one before. With
-async_op the tree thus overlaps its first round only; a2a overlaps entirely.
+Round 0 only sends what owners already have; a relay may forward only what it has received, so
+each later round is issued once the one before has landed. All of it runs on the group's worker
+thread ([Note: rounds in the background] in collectives/progress.py), so with async_op the whole
+tree progresses while the caller works, as a2a does.
 """
 
 from __future__ import annotations
