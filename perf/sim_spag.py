@@ -19,12 +19,12 @@ backwards: the same links carry the gradients, so its time is the same formula i
 bytes.
 
 [Note: overlapped rounds]
-A sparse collective issued behind other work overlaps that work with its first round only:
-a relay forwards what it has received, so the runtime runs a schedule's later rounds inside
-the wait ([Note: tree and async_op] in collectives/algorithms/tree.py). So a spAG issued `hide`
-seconds before it is needed exposes its later rounds and what of its first exceeds `hide`
-(`spag_exposed_s`); `a2a`, one round, can hide entirely. The same holds for the spRS behind the
-backward. (Before stop 34 the whole schedule was taken to hide, which a tree does not.)
+A sparse collective issued `hide` seconds of work before it is needed exposes what of its
+schedule exceeds them (`spag_exposed_s`): the runtime runs every round on the group's worker
+thread ([Note: rounds in the background] in collectives/progress.py), a tree's relays
+included, so the whole schedule overlaps. (Until stop 34 the runtime ran a tree's later rounds
+inside the caller's wait, and this price, which took the whole schedule to hide, was
+optimistic for trees.) The same holds for the spRS behind the backward.
 
 FasterMoE's shadows are broadcast by NCCL to every rank, a pipelined ring: every device link
 and every NIC carries each shadowed expert about once (`broadcast_s`).
@@ -93,14 +93,7 @@ def spag_exposed_s(
         return [0.0] * len(jobs)
     topo = Topology(c.world, c.per_node)
     scheds = (direct_from(d), tree_from(d, topo), tree_nodes_from(d, topo))
-    out = []
-    for nbytes, hide_s in jobs:
-        best = float("inf")
-        for s in scheds:
-            times = round_times_s(s, nbytes, c)
-            best = min(best, sum(times[1:]) + max(0.0, times[0] - hide_s))
-        out.append(best)
-    return out
+    return [max(0.0, min(rounds_s(s, n, c) for s in scheds) - hide_s) for n, hide_s in jobs]
 
 
 def broadcast_s(k: int, c: Cluster, nbytes: float) -> float:
