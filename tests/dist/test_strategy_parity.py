@@ -142,24 +142,32 @@ def _runs_at(world: int) -> dict[str, tuple[str, list[str]]]:
 
 
 def _strategies(rank: int, world: int) -> dict[str, Any]:
+    import threading
+
+    import collectives.algorithms.tree as tree
     import fssdp.plan_exact as pe
 
-    node_first = pe.node_first_rows
-    calls = [0]
+    node_first, rounds = pe.node_first_rows, tree._rounds
+    calls, relayed = [0], [0]
 
     def counted(*args: Any) -> Any:  # how often exact mode started from node-first rows
         calls[0] += 1
         return node_first(*args)
 
-    pe.node_first_rows = counted
+    def counted_rounds(rnds: Any, run: Any) -> Any:  # trees of 2+ rounds on the worker thread
+        relayed[0] += len(rnds) > 1 and threading.current_thread() is not threading.main_thread()
+        return rounds(rnds, run)
+
+    pe.node_first_rows, tree._rounds = counted, counted_rounds
     out = {}
     try:
         for name, (model, ov) in _runs_at(world).items():
-            calls[0] = 0
+            calls[0] = relayed[0] = 0
             out[name] = train_capture(rank, world, [*MODELS[model], *ov], STEPS, probe=_probe)
             out[name]["node_first_calls"] = calls[0]
+            out[name]["background_trees"] = relayed[0]
     finally:
-        pe.node_first_rows = node_first
+        pe.node_first_rows, tree._rounds = node_first, rounds
     return out
 
 
@@ -201,6 +209,10 @@ def test_strategies_match_single_process(reference: dict[str, Any], world: int) 
         assert all(sum(r) == 0 for r in got[name]["probe"]["placements"].values()), name
     assert any(sum(r) > 0 for r in got["fssdp_nodes"]["probe"]["placements"].values())
     assert any(sum(r) > 0 for r in got["fssdp_dealt"]["probe"]["placements"].values())
+    # exact mode's copies by the node-relay tree, relayed over 2+ rounds on the worker thread
+    # ([Note: rounds in the background]) while the call dispatched its rows
+    for name in [n for n in got if n.startswith("fssdp_nodes")] if world == 4 else ():
+        assert got[name]["background_trees"] > 0, name
     grouped = [n for n in got if n.startswith("fssdp_grouped")]
     for name in grouped if world == 4 else ():  # two nodes of two: node-first rows planned
         assert got[name]["node_first_calls"] > 0, name
