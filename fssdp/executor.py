@@ -187,14 +187,16 @@ class FSSDPExecutor:
         assert placement is not None
         with ex.phases.phase("dispatch"):
             route = assign_tokens(counts_WE, placement, self.policy.topology)
-        held = {"rows": rows_RS}
 
-        def ready() -> None:  # after the dispatch all-to-all, before the expert compute
-            if held["rows"] is None:
-                with ex.phases.phase("spag"):
-                    held["rows"] = self.replicas.wait(x_ND.device, training=True)
+        def held() -> Tensor:  # the step's replicas: the spAG's rows once it landed (HELD)
+            return self.replicas.wait(x_ND.device, training=True)
 
-        compute = self._compute_fn(bank, placement, x_ND.device, lambda: held["rows"])
+        def land() -> None:  # after the dispatch all-to-all, before the expert compute
+            with ex.phases.phase("spag"):
+                held()
+
+        ready = land if rows_RS is None else None  # None: already held (prefetched, or extended)
+        compute = self._compute_fn(bank, placement, x_ND.device, held)
         y_ND = exchange_compute(ex, x_ND, expert_N, route, compute, before_compute=ready)
         if self.rematerialize:
             self.replicas.free()
