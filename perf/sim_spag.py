@@ -24,7 +24,8 @@ schedule exceeds them (`spag_exposed_s`): the runtime runs every round on the gr
 thread ([Note: rounds in the background] in collectives/progress.py), a tree's relays
 included, so the whole schedule overlaps. (Until stop 34 the runtime ran a tree's later rounds
 inside the caller's wait, and this price, which took the whole schedule to hide, was
-optimistic for trees.) The same holds for the spRS behind the backward.
+optimistic for trees.) The same holds for the spRS behind the backward. Each collective also
+pays its hand-off to the worker and back (`handoff_s`, measured here in-process).
 
 FasterMoE's shadows are broadcast by NCCL to every rank, a pipelined ring: every device link
 and every NIC carries each shadowed expert about once (`broadcast_s`).
@@ -32,28 +33,26 @@ and every NIC carries each shadowed expert about once (`broadcast_s`).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from collectives.placement import Placement, Topology
+from collectives.progress import round_trip_s
 from collectives.schedule import Diff, Schedule, direct_from, tree_from, tree_nodes_from
 from perf.cost_model import Cluster
 
 
 def rounds_s(sched: Schedule, nbytes: float, c: Cluster) -> float:
     """Time of `sched` with `nbytes` per transfer, per the module's rule."""
-    return sum(round_times_s(sched, nbytes, c))
-
-
-def round_times_s(sched: Schedule, nbytes: float, c: Cluster) -> list[float]:
-    """Each round's time of `sched` with `nbytes` per transfer ([] when it moves nothing)."""
     if not sched.num_transfers:
-        return []
+        return 0.0
     x = sched.xfer_M3
     src, dst = x[:, 1], x[:, 2]
     rnd = sched.round_M
     R = len(sched)
     same = (src // c.per_node) == (dst // c.per_node)
-    out_s = []
+    t = 0.0
     for k in range(R):
         sel = rnd == k
         intra = sel & same
@@ -67,8 +66,8 @@ def round_times_s(sched: Schedule, nbytes: float, c: Cluster) -> list[float]:
             out = np.bincount(src[inter] // c.per_node, minlength=c.nodes).max()
             inn = np.bincount(dst[inter] // c.per_node, minlength=c.nodes).max()
             busiest = max(busiest, max(out, inn) * nbytes / c.inter_bw)
-        out_s.append(busiest + c.latency_s)
-    return out_s
+        t += busiest + c.latency_s
+    return t
 
 
 def spag_s(base: Placement, p: Placement, c: Cluster, *nbytes: float) -> list[float]:
@@ -93,7 +92,17 @@ def spag_exposed_s(
         return [0.0] * len(jobs)
     topo = Topology(c.world, c.per_node)
     scheds = (direct_from(d), tree_from(d, topo), tree_nodes_from(d, topo))
-    return [max(0.0, min(rounds_s(s, n, c) for s in scheds) - hide_s) for n, hide_s in jobs]
+    hand = handoff_s()
+    return [
+        max(0.0, hand + min(rounds_s(s, n, c) for s in scheds) - hide_s) for n, hide_s in jobs
+    ]
+
+
+@functools.cache
+def handoff_s() -> float:
+    """The hand-off of one collective to its group's worker thread and back, measured once per
+    process on this machine (`collectives.progress.round_trip_s`), as planning is."""
+    return round_trip_s()
 
 
 def broadcast_s(k: int, c: Cluster, nbytes: float) -> float:

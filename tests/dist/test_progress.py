@@ -1,12 +1,14 @@
 """[Note: rounds in the background] (collectives/progress.py) on 4 gloo ranks: an async tree
 spAG relays its copies through all its rounds while the callers never wait, and its spRS folds
 back the same way; `wait()` then only returns what has already arrived. A collective that
-fails raises in the caller's `wait()`, naming the rank and phase."""
+fails raises in the caller's `wait()`, naming the rank and phase. The simulator's hand-off
+probe (`round_trip_s`) times jobs that really go through a worker thread."""
 
 from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from tests.support.harness import run_distributed
@@ -42,6 +44,7 @@ def _background_job(rank: int, world: int) -> dict:
     h = sparse_all_gather(src.double(), own, to, async_op=True, algorithm="tree", out=out)
     arrived = _until(lambda: not torch.isnan(out).any())  # relayed rows too, with no wait()
     got = h.wait()  # type: ignore[union-attr]
+    # bit-exact on purpose: each row is a copy of the very same `_row(e)`, moved, never computed
     ok = got is out and all(torch.equal(out[i], _row(e)) for i, e in enumerate(to.held(rank)))
     dist.barrier()  # every rank's rows are in before the reduce (the barrier is outside it)
     grads = torch.stack([_row(e) * (rank + 1) for e in to.held(rank)])
@@ -57,7 +60,8 @@ def test_an_async_tree_runs_all_its_rounds_without_a_wait() -> None:
     for r, got in enumerate(out):
         assert got["arrived"] and got["rows_ok"], (r, got)
         assert got["folded"], (r, got)
-    # expert e's copies on all four ranks, rank r's copy scaled by r + 1: (1+2+3+4) (e + 1)
+    # expert e's copies on all four ranks, rank r's copy scaled by r + 1: (1+2+3+4) (e + 1);
+    # sums of small integers, exact in fp64 in any order, so == is safe
     assert out[0]["red"] == [10.0] and out[1]["red"] == [20.0]
 
 
@@ -87,3 +91,22 @@ def test_a_failed_background_round_raises_in_wait_with_rank_and_phase() -> None:
     assert failed, out
     assert all("phase probe" in m and m.startswith(f"rank {r}:") for r, m in enumerate(out[:3])
                if m in failed), out  # fmt: skip
+
+
+def test_the_hand_off_probe_times_jobs_run_on_a_worker_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    from collectives import progress
+
+    ran_on, run = [], progress.Job.run
+
+    def recorded(job: progress.Job) -> None:
+        ran_on.append(threading.current_thread().name)
+        run(job)
+
+    monkeypatch.setattr(progress.Job, "run", recorded)
+    took_s = progress.round_trip_s(calls=5)
+    assert ran_on == ["hand-off probe"] * 25  # 20 warm-up calls + 5 timed, none inline
+    assert 0.0 < took_s < float("inf")

@@ -139,19 +139,24 @@ def test_spag_priced_as_the_cheaper_schedule_and_the_tree_crosses_nodes_once() -
     assert broadcast_s(3, cluster(nodes=1, per_node=4), GB) == pytest.approx(0.3)
 
 
-def test_a_spag_behind_other_work_exposes_only_what_exceeds_it() -> None:
+def test_a_spag_behind_other_work_exposes_only_what_exceeds_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """[Note: overlapped rounds]: the tree above (one NIC copy, then two device-link rounds,
-    1.2 s) runs all its rounds behind the work it was issued before; the direct schedule (four
-    NIC copies, 4 s) is never the cheaper one here."""
+    1.2 s) runs all its rounds behind the work it was issued before, plus the hand-off to the
+    worker thread (set to 0.05 s here); the direct schedule (four NIC copies, 4 s) is never the
+    cheaper one here. A spAG that moves nothing costs nothing, not even the hand-off."""
+    import perf.sim_spag as sim_spag
     from collectives.placement import Placement
-    from perf.sim_spag import spag_exposed_s
 
+    monkeypatch.setattr(sim_spag, "handoff_s", lambda: 0.05)
     c = cluster(nodes=2, per_node=4, latency_s=0.0)  # NIC 1 GB/s, device links 10 GB/s
     own = Placement.from_owners([0, 4], 8)
     to_node1 = own.with_replicas({0: [4, 5, 6, 7]})
-    got = spag_exposed_s(own, to_node1, c, [(GB, 0.0), (GB, 0.5), (GB, 1.1), (GB, 1.5)])
-    assert got == [pytest.approx(1.2), pytest.approx(0.7), pytest.approx(0.1), 0.0]
-    assert spag_exposed_s(own, own, c, [(GB, 0.0)]) == [0.0]
+    jobs = [(GB, 0.0), (GB, 0.5), (GB, 1.1), (GB, 1.5)]
+    got = sim_spag.spag_exposed_s(own, to_node1, c, jobs)
+    assert got == [pytest.approx(1.25), pytest.approx(0.75), pytest.approx(0.15), 0.0]
+    assert sim_spag.spag_exposed_s(own, own, c, [(GB, 0.0)]) == [0.0]
 
 
 def test_fastermoe_shadows_capped_at_fssdps_memory_unless_unbounded() -> None:
